@@ -1,0 +1,1 @@
+"""xagent sample app."""

@@ -1,0 +1,98 @@
+"""Database tables (SQLAlchemy Core) and engine helpers.
+
+The schema is created by the Alembic migrations in ``xagent.migrations`` (run by
+``xagent-bootstrap migrate``), never by ``create_all``; these definitions are for queries.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    Uuid,
+    func,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from xagent.settings import Settings
+
+metadata = MetaData()
+
+tools = Table(
+    "tools",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("description", Text, nullable=False),
+    Column("schema", JSON, nullable=False),
+    Column("version", String(50), nullable=False),
+    Column("active", Boolean, nullable=False, server_default="true"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("status", String(20), nullable=False),
+    Column("input", JSON, nullable=False),
+    Column("result", JSON, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+)
+
+ticks = Table(
+    "ticks",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("schedule_id", String(200), nullable=False),
+    Column("scheduled_for", DateTime(timezone=True), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(200), nullable=False, unique=True),
+    Column("password_hash", Text, nullable=False),
+    Column("is_admin", Boolean, nullable=False, server_default="false"),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+bootstrap_runs = Table(
+    "bootstrap_runs",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("steps", String(200), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("ok", Boolean, nullable=True),
+    Column("error", Text, nullable=True),
+)
+
+
+def make_engine(settings: Settings, *, pool_size: int = 5) -> AsyncEngine:
+    """A per-process async engine (asyncpg)."""
+    return create_async_engine(
+        settings.sqlalchemy_url(),
+        pool_size=pool_size,
+        max_overflow=5,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"timeout": 10, "server_settings": {"application_name": "xagent"}},
+    )

@@ -1,0 +1,299 @@
+"""Model files: download (resumable, verified, atomic) and presence checks.
+
+Layout in ``models_dir`` for a model named ``NAME``:
+- ``NAME``             the verified file (only ever created by an atomic rename)
+- ``.NAME.part``       an incomplete download, resumed with an HTTP Range request
+- ``.NAME.verified``   stamp: ``sha256 size mtime_ns`` of the verified file, so a boot does
+                       not re-hash large files and /readyz can check cheaply
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from xagent.settings import ModelSpec, Settings
+
+CHUNK = 1024 * 1024
+Printer = Callable[[str], None]
+
+
+class ModelError(Exception):
+    """A model could not be downloaded or verified (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    final: Path
+    part: Path
+    stamp: Path
+
+
+def paths_for(models_dir: Path, spec: ModelSpec) -> Paths:
+    return Paths(
+        final=models_dir / spec.name,
+        part=models_dir / f".{spec.name}.part",
+        stamp=models_dir / f".{spec.name}.verified",
+    )
+
+
+def _stamp_text(sha256: str, st: os.stat_result) -> str:
+    return f"{sha256} {st.st_size} {st.st_mtime_ns}\n"
+
+
+def stamp_ok(paths: Paths, sha256: str) -> bool:
+    """True when the final file exists and the stamp says it was verified as ``sha256``."""
+    try:
+        st = paths.final.stat()
+        stamp = paths.stamp.read_text(encoding="ascii")
+    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
+        return False
+    return stamp == _stamp_text(sha256, st)
+
+
+def _write_stamp(paths: Paths, sha256: str) -> None:
+    st = paths.final.stat()
+    tmp = paths.stamp.with_name(paths.stamp.name + ".tmp")
+    tmp.write_text(_stamp_text(sha256, st), encoding="ascii")
+    os.replace(tmp, paths.stamp)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_all(settings: Settings) -> list[str]:
+    """Problems with the configured models (empty list: all present and verified)."""
+    problems = []
+    for spec in settings.models:
+        if not stamp_ok(paths_for(settings.models_dir, spec), spec.sha256):
+            problems.append(f"{spec.name} missing or not verified")
+    return problems
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Progress:
+    """Prints a progress line at most every ``interval`` seconds (and at the end)."""
+
+    def __init__(self, name: str, interval: float, out: Printer) -> None:
+        self.name = name
+        self.interval = interval
+        self.out = out
+        self.started = time.monotonic()
+        self.last = self.started
+        self.bytes_this_run = 0
+
+    def update(self, done: int, total: int | None, added: int, *, final: bool = False) -> None:
+        self.bytes_this_run += added
+        now = time.monotonic()
+        if not final and now - self.last < self.interval:
+            return
+        self.last = now
+        speed = self.bytes_this_run / max(now - self.started, 1e-6) / 1e6
+        mb = done / 1e6
+        if total:
+            self.out(
+                f"model {self.name}: {100 * done / total:5.1f}% "
+                f"{mb:.1f}/{total / 1e6:.1f} MB {speed:.2f} MB/s"
+            )
+        else:
+            self.out(f"model {self.name}: {mb:.1f} MB {speed:.2f} MB/s")
+
+
+class _TransferBroken(Exception):
+    """The connection broke mid-file; the part file keeps what arrived."""
+
+
+def _open_part(part: Path, offset: int) -> IO[bytes]:
+    fh = part.open("r+b" if offset else "wb")
+    fh.seek(offset)
+    fh.truncate()
+    return fh
+
+
+def _hash_prefix(part: Path, size: int) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    with part.open("rb") as fh:
+        remaining = size
+        while remaining > 0 and (chunk := fh.read(min(CHUNK, remaining))):
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest
+
+
+def _fetch_http(
+    spec: ModelSpec, part: Path, offset: int, progress: _Progress, timeout: float
+) -> str:
+    """Download into ``part`` starting at ``offset``; returns the hex digest of the whole file."""
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        with (
+            httpx.Client(timeout=timeout, follow_redirects=True) as client,
+            client.stream("GET", spec.url, headers=headers) as resp,
+        ):
+            if offset and resp.status_code == 416:
+                # the part may already be complete: the caller verifies it
+                return _hash_prefix(part, offset).hexdigest()
+            if resp.status_code == 200:
+                offset = 0  # no Range sent, or the server ignored it: start over
+            elif resp.status_code == 206 and offset:
+                content_range = resp.headers.get("content-range", "")
+                if not content_range.startswith(f"bytes {offset}-"):
+                    raise _TransferBroken(f"unexpected Content-Range {content_range!r}")
+            else:
+                raise ModelError(f"{spec.name}: HTTP {resp.status_code} from {spec.url}")
+            digest = _hash_prefix(part, offset) if offset else hashlib.sha256()
+            length = resp.headers.get("content-length")
+            total = offset + int(length) if length is not None else None
+            done = offset
+            with _open_part(part, offset) as fh:
+                try:
+                    for chunk in resp.iter_bytes(CHUNK):
+                        fh.write(chunk)
+                        digest.update(chunk)
+                        done += len(chunk)
+                        progress.update(done, total, len(chunk))
+                finally:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            if total is not None and done != total:
+                raise _TransferBroken(f"got {done} of {total} bytes")
+            progress.update(done, total, 0, final=True)
+            return digest.hexdigest()
+    except (httpx.TransportError, httpx.StreamError) as exc:
+        raise _TransferBroken(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _fetch_file(spec: ModelSpec, part: Path, offset: int, progress: _Progress) -> str:
+    source = Path(urllib.request.url2pathname(urllib.parse.urlparse(spec.url).path))
+    try:
+        src = source.open("rb")
+    except OSError as exc:
+        raise ModelError(f"{spec.name}: cannot open {source}: {exc.strerror}") from None
+    with src:
+        total = os.fstat(src.fileno()).st_size
+        if offset > total:
+            offset = 0
+        digest = _hash_prefix(part, offset) if offset else hashlib.sha256()
+        src.seek(offset)
+        done = offset
+        with _open_part(part, offset) as fh:
+            while chunk := src.read(CHUNK):
+                fh.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                progress.update(done, total, len(chunk))
+            fh.flush()
+            os.fsync(fh.fileno())
+    progress.update(done, total, 0, final=True)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _dir_lock(models_dir: Path) -> Iterator[None]:
+    """Two bootstraps on one host must not write the same part file."""
+    with (models_dir / ".lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_model(
+    spec: ModelSpec,
+    models_dir: Path,
+    *,
+    out: Printer = print,
+    progress_interval: float = 2.0,
+    retries: int = 5,
+    timeout: float = 30.0,
+) -> str:
+    """Make ``models_dir/NAME`` present and verified. Returns "present" or "downloaded"."""
+    paths = paths_for(models_dir, spec)
+    if stamp_ok(paths, spec.sha256):
+        return "present"
+    if paths.final.exists():
+        # no (matching) stamp: hash once; a mismatch means the file is stale or damaged
+        if sha256_file(paths.final) == spec.sha256:
+            _write_stamp(paths, spec.sha256)
+            out(f"model {spec.name}: present, verified")
+            return "present"
+        out(f"model {spec.name}: existing file does not match sha256, replacing it")
+        paths.final.unlink()
+        paths.stamp.unlink(missing_ok=True)
+    paths.stamp.unlink(missing_ok=True)
+
+    progress = _Progress(spec.name, progress_interval, out)
+    attempt = 0
+    while True:
+        offset = paths.part.stat().st_size if paths.part.exists() else 0
+        if offset:
+            out(f"model {spec.name}: resuming at {offset} bytes")
+        else:
+            out(f"model {spec.name}: downloading {spec.url}")
+        try:
+            if spec.url.startswith("file://"):
+                digest = _fetch_file(spec, paths.part, offset, progress)
+            else:
+                digest = _fetch_http(spec, paths.part, offset, progress, timeout)
+            break
+        except _TransferBroken as exc:
+            attempt += 1
+            if attempt > retries:
+                raise ModelError(
+                    f"{spec.name}: transfer broken {attempt} times, last: {exc} "
+                    f"(partial file kept for the next run)"
+                ) from None
+            out(f"model {spec.name}: transfer broken ({exc}); retry {attempt}/{retries}")
+            time.sleep(min(2**attempt * 0.25, 10))
+
+    if digest != spec.sha256:
+        paths.part.unlink(missing_ok=True)
+        raise ModelError(f"{spec.name}: sha256 mismatch (expected {spec.sha256}, got {digest})")
+    os.replace(paths.part, paths.final)
+    _fsync_dir(models_dir)
+    _write_stamp(paths, spec.sha256)
+    out(f"model {spec.name}: downloaded and verified")
+    return "downloaded"
+
+
+def ensure_all(settings: Settings, *, out: Printer = print) -> dict[str, str]:
+    """Download/verify every configured model (host-local step)."""
+    try:
+        settings.models_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"{settings.models_dir}: cannot create ({exc.strerror})") from None
+    results = {}
+    with _dir_lock(settings.models_dir):
+        for spec in settings.models:
+            results[spec.name] = ensure_model(
+                spec,
+                settings.models_dir,
+                out=out,
+                progress_interval=settings.download_progress_seconds,
+                retries=settings.download_retries,
+            )
+    return results

@@ -1,0 +1,203 @@
+"""Configuration: environment variables (prefix ``XAGENT_``) plus secret files.
+
+Secrets (``database_password``, ``redis_password``, ``root_password``) are read from
+``$CREDENTIALS_DIRECTORY/<name>`` when systemd provides that directory (``LoadCredential=``);
+otherwise they may come from ``XAGENT_<NAME>`` or be embedded in the URLs.
+
+A missing or malformed setting raises :class:`SettingsError` whose message is one line that
+names the variable, e.g. ``XAGENT_MODELS: not valid JSON (Expecting value ...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+ENV_PREFIX = "XAGENT_"
+SECRET_NAMES = ("database_password", "redis_password", "root_password")
+_MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; ``str(exc)`` is a one-line message naming it."""
+
+
+class ModelSpec(BaseModel):
+    """One model file that the bootstrap downloads and /readyz checks."""
+
+    name: str
+    url: str
+    sha256: str
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _MODEL_NAME_RE.match(value) or value in {".", ".."}:
+            raise ValueError(f"model name {value!r} is not a safe file name")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "file://")):
+            raise ValueError(f"model url {value!r} must be http(s):// or file://")
+        return value
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _SHA256_RE.match(value):
+            raise ValueError("sha256 must be 64 hex characters")
+        return value
+
+
+class Settings(BaseSettings):
+    """All settings of the app; see docs/contract.md for the names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="ignore",
+        case_sensitive=False,
+        hide_input_in_errors=True,
+    )
+
+    database_url: str
+    database_password: SecretStr | None = None
+    redis_url: str
+    redis_password: SecretStr | None = None
+    models_dir: Path = Path("/var/lib/xagent/models")
+    models: Annotated[list[ModelSpec], NoDecode] = Field(default_factory=list)
+    root_username: str = "root"
+    root_password: SecretStr | None = None
+    host_name: str = Field(default_factory=socket.gethostname)
+
+    queue_name: str = "xagent"
+    stream_maxlen: int = Field(default=100_000, ge=1)
+    stream_idle_timeout_ms: int = Field(default=600_000, ge=100)
+    stream_xread_count: int = Field(default=4, ge=1)
+    result_ttl_seconds: int = Field(default=3600, ge=1)
+    tick_cron: str = "* * * * *"
+    tick_interval_seconds: int = Field(default=0, ge=0)
+    reclaim_interval_seconds: int = Field(default=30, ge=1)
+    download_progress_seconds: float = Field(default=2.0, gt=0)
+    download_retries: int = Field(default=5, ge=0)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _parse_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip() or "[]"
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not valid JSON ({exc})") from None
+        if not isinstance(value, list):
+            raise ValueError('must be a JSON list of {"name","url","sha256"} objects')
+        names = [item.get("name") for item in value if isinstance(item, dict)]
+        if len(names) != len(set(names)):
+            raise ValueError("model names must be unique")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except Exception as exc:
+            raise ValueError(f"not a database URL ({exc})") from None
+        if url.get_backend_name() != "postgresql":
+            raise ValueError("must be a postgresql:// or postgresql+asyncpg:// URL")
+        return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("tick_cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if value.strip() and len(value.split()) != 5:
+            raise ValueError("must be a 5-field cron expression (or empty to disable)")
+        return value.strip()
+
+    # -- derived values -------------------------------------------------------------------
+
+    def sqlalchemy_url(self) -> Any:
+        """The database URL with the password from the secret, if any."""
+        url = make_url(self.database_url)
+        if self.database_password is not None:
+            url = url.set(password=self.database_password.get_secret_value())
+        return url
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Extra connection arguments for redis clients (the password secret)."""
+        if self.redis_password is None:
+            return {}
+        return {"password": self.redis_password.get_secret_value()}
+
+
+def _read_credentials(directory: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    base = Path(directory)
+    for name in SECRET_NAMES:
+        path = base / name
+        if path.is_file():
+            try:
+                found[name] = path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise SettingsError(f"{path}: cannot read credential ({exc.strerror})") from None
+    return found
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error.get("loc", ())]
+    field = loc[0] if loc else "?"
+    name = f"{ENV_PREFIX}{field.upper()}"
+    if field in SECRET_NAMES:
+        name += f" (or $CREDENTIALS_DIRECTORY/{field})"
+    if len(loc) > 1:
+        name += "[" + "].[".join(loc[1:]) + "]"
+    if error.get("type") == "missing":
+        return f"{name}: required setting is missing"
+    msg = str(error.get("msg", "invalid value"))
+    msg = msg.removeprefix("Value error, ")
+    return f"{name}: {msg}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings from the environment and credential files.
+
+    Raises :class:`SettingsError` with a one-line message naming the first bad setting.
+    """
+    values: dict[str, Any] = {}
+    creds_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds_dir:
+        values.update(_read_credentials(creds_dir))
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        first = _describe(errors[0]) if errors else str(exc)
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SettingsError(first.replace("\n", " ") + more) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings of this process, loaded once."""
+    return load_settings()
