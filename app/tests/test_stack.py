@@ -1,0 +1,182 @@
+"""The whole app as deployed: gunicorn web, two receivers, one scheduler (real CLIs)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+
+from conftest import TEST_REDIS_URL, Stack, base_env, sql, wait_until
+
+TICK_INTERVAL = 2
+
+
+@pytest.fixture(scope="module")
+def stack(session_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("stack")
+    queue = f"xt-{uuid.uuid4().hex[:10]}"
+    env = base_env(
+        session_db,
+        queue,
+        tmp / "models",
+        XAGENT_TICK_CRON="* * * * *",
+        XAGENT_TICK_INTERVAL_SECONDS=str(TICK_INTERVAL),
+        XAGENT_RECLAIM_INTERVAL_SECONDS="5",
+    )
+    sql(session_db, "DELETE FROM ticks")
+    st = Stack(env, tmp)
+    try:
+        st.web(workers=2)
+        st.receiver(2)
+        st.receiver(2)
+        st.scheduler()
+        yield st
+    finally:
+        st.stop_all()
+        client = redis.Redis.from_url(TEST_REDIS_URL)
+        keys = list(client.scan_iter(f"{queue}*"))
+        if keys:
+            client.delete(*keys)
+
+
+def _wait_run(base_url: str, run_id: str, timeout: float = 20) -> dict[str, object]:
+    def finished() -> dict[str, object] | None:
+        body: dict[str, object] = httpx.get(f"{base_url}/runs/{run_id}", timeout=5).json()
+        return body if body["status"] in {"done", "failed"} else None
+
+    result: dict[str, object] = wait_until(finished, timeout=timeout, what=f"run {run_id}")
+    return result
+
+
+def test_healthz_reports_host_and_pid(stack: Stack) -> None:
+    body = httpx.get(f"{stack.base_url}/healthz").json()
+    assert body["status"] == "ok"
+    assert body["host"] == "testhost"
+    assert isinstance(body["pid"], int)
+
+
+def test_readyz_ok_without_models(stack: Stack) -> None:
+    resp = httpx.get(f"{stack.base_url}/readyz")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["ready"] is True
+
+
+def test_run_round_trip_through_a_receiver(stack: Stack) -> None:
+    resp = httpx.post(
+        f"{stack.base_url}/runs",
+        json={"tool": "calculator", "args": {"op": "mul", "a": 6, "b": 7}},
+    )
+    assert resp.status_code == 202, resp.text
+    run_id = resp.json()["id"]
+    body = _wait_run(stack.base_url, run_id)
+    assert body["status"] == "done"
+    assert body["result"] == {"value": 42}
+    assert body["attempts"] == 1
+    rows = sql(
+        stack.env["XAGENT_DATABASE_URL"], "SELECT status FROM runs WHERE id = $1", uuid.UUID(run_id)
+    )
+    assert [r["status"] for r in rows] == ["done"]
+
+
+def test_run_with_bad_arguments_fails_cleanly(stack: Stack) -> None:
+    resp = httpx.post(f"{stack.base_url}/runs", json={"tool": "echo", "args": {"txt": "x"}})
+    assert resp.status_code == 202
+    body = _wait_run(stack.base_url, resp.json()["id"])
+    assert body["status"] == "failed"
+    assert "missing argument 'text'" in str(body["error"])
+
+
+def test_unknown_tool_and_run_are_rejected(stack: Stack) -> None:
+    assert httpx.post(f"{stack.base_url}/runs", json={"tool": "nope"}).status_code == 422
+    assert httpx.get(f"{stack.base_url}/runs/{uuid.uuid4()}").status_code == 404
+
+
+def test_many_runs_spread_over_receivers(stack: Stack) -> None:
+    ids = [
+        httpx.post(
+            f"{stack.base_url}/runs", json={"tool": "word_count", "args": {"text": "a b " * i}}
+        ).json()["id"]
+        for i in range(1, 21)
+    ]
+    bodies = [_wait_run(stack.base_url, run_id) for run_id in ids]
+    assert [b["result"] for b in bodies] == [{"words": 2 * i, "chars": 4 * i} for i in range(1, 21)]
+    assert all(b["attempts"] == 1 for b in bodies)
+
+
+def test_tools_endpoint_lists_registry(stack: Stack) -> None:
+    tools = httpx.get(f"{stack.base_url}/tools").json()
+    names = [t["name"] for t in tools]
+    assert names == sorted(["calculator", "echo", "sleep", "word_count"])
+    assert all(t["active"] for t in tools)
+    echo = next(t for t in tools if t["name"] == "echo")
+    assert echo["schema"]["required"] == ["text"]
+    assert echo["version"] == "1"
+
+
+def _sends(log: str, schedule_id: str) -> int:
+    return len(
+        re.findall(rf"Sending task xagent\.record_tick with schedule_id {schedule_id}\.", log)
+    )
+
+
+def test_interval_ticks_run_once_each_with_two_receivers(stack: Stack) -> None:
+    db_url = stack.env["XAGENT_DATABASE_URL"]
+    scheduler = next(p for p in stack.procs if p.name == "scheduler")
+    query = (
+        "SELECT scheduled_for, count(*) AS n, min(pid) AS pid FROM ticks "
+        "WHERE schedule_id = 'xagent-tick-interval' GROUP BY scheduled_for ORDER BY 1"
+    )
+    wait_until(lambda: len(sql(db_url, query)) >= 4, timeout=30, what="4 interval ticks")
+
+    # compare rows with the scheduler's own count of sends, once both have settled
+    def settled() -> bool:
+        sends = _sends(scheduler.log(), "xagent-tick-interval")
+        total = sum(int(r["n"]) for r in sql(db_url, query))
+        return sends == total
+
+    wait_until(settled, timeout=10, interval=0.3, what="tick rows == scheduler sends")
+    rows = sql(db_url, query)
+    assert all(r["n"] == 1 for r in rows), rows
+    times = [r["scheduled_for"] for r in rows]
+    gaps = {round((b - a).total_seconds()) for a, b in itertools.pairwise(times)}
+    assert gaps <= {TICK_INTERVAL, TICK_INTERVAL + 1}, gaps
+
+
+def test_ticks_endpoint(stack: Stack) -> None:
+    ticks = httpx.get(f"{stack.base_url}/ticks", params={"limit": 3}).json()
+    assert 1 <= len(ticks) <= 3
+    assert {t["host"] for t in ticks} == {"testhost"}
+    assert ticks == sorted(ticks, key=lambda t: t["scheduled_for"], reverse=True)
+
+
+def test_cron_tick_runs_once_per_minute_with_two_receivers(stack: Stack) -> None:
+    """The cron schedule (``* * * * *``; taskiq also fires it when the scheduler starts)
+    produces exactly one row per tick minute although four receiver processes listen."""
+    db_url = stack.env["XAGENT_DATABASE_URL"]
+    query = (
+        "SELECT scheduled_for, count(*) AS n FROM ticks "
+        "WHERE schedule_id = 'xagent-tick' GROUP BY scheduled_for ORDER BY 1"
+    )
+    wait_until(lambda: sql(db_url, query), timeout=75, what="a cron tick")
+    time.sleep(2)  # a duplicate would arrive within moments
+    rows = sql(db_url, query)
+    assert all(r["n"] == 1 for r in rows), rows
+    for r in rows:
+        assert r["scheduled_for"].second == 0
+    scheduler = next(p for p in stack.procs if p.name == "scheduler")
+    assert _sends(scheduler.log(), "xagent-tick") == sum(r["n"] for r in rows)
+
+
+def test_scheduler_stops_cleanly_on_sigint(stack: Stack) -> None:
+    scheduler = next(p for p in stack.procs if p.name == "scheduler")
+    t0 = time.monotonic()
+    rc = scheduler.stop(signal.SIGINT, timeout=10)
+    assert rc == 0, scheduler.log()[-2000:]
+    assert time.monotonic() - t0 < 5
