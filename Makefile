@@ -1,0 +1,140 @@
+# xagent deployment bundle: developer and CI entry points.
+#
+#   make demo       one systemd container with the whole stack, on a fresh Debian 12
+#   make test       lint + app tests + every Molecule scenario
+#
+# Tooling lives in ./.venv (requirements-dev.txt); the targets use it directly,
+# no activation needed. System packages and dockerd: `make host` (root).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+ROOT    := $(abspath .)
+VENV    := $(ROOT)/.venv
+BIN     := $(VENV)/bin
+PYTHON  ?= python3
+# Molecule shells out to ansible-config/ansible-playbook: put the venv first.
+export PATH := $(BIN):$(PATH)
+export VIRTUAL_ENV := $(VENV)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+SUITES        := bookworm trixie
+IMAGE_BUILD   := $(ROOT)/molecule/image/build.sh
+# Scenario = directory under molecule/ with a molecule.yml (shared/ and image/ have none).
+SCENARIOS     ?= $(sort $(notdir $(patsubst %/molecule.yml,%,$(wildcard molecule/*/molecule.yml))))
+
+DEMO_NAME     := xagent-demo
+DEMO_IMAGE    := xagent-testhost:bookworm
+DEMO_URL      := http://127.0.0.1:28000/
+# Same flags as the Molecule platform in .config/molecule/config.yml.
+DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN \
+	-v /sys/fs/cgroup:/sys/fs/cgroup:ro --tmpfs /run --tmpfs /run/lock \
+	--stop-signal SIGRTMIN+3
+
+VENV_STAMP    := $(VENV)/.xagent-venv-stamp
+APP_PYPROJECT := $(wildcard app/pyproject.toml)
+
+.PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images
+
+help:
+	@echo "make host          install docker.io, debootstrap, redis, postgresql; start dockerd (root)"
+	@echo "make venv          create .venv from requirements-dev.txt (+ app[dev])"
+	@echo "make images        build the bookworm and trixie test-host images (cached by input hash)"
+	@echo "make lint          yamllint, ansible-lint (production), ruff, mypy"
+	@echo "make test-app      app service checks + pytest"
+	@echo "make test-molecule every Molecule scenario: $(SCENARIOS)"
+	@echo "make test          lint + test-app + test-molecule"
+	@echo "make demo          systemd container '$(DEMO_NAME)' running the stack, $(DEMO_URL)"
+	@echo "make demo-down     remove the demo container"
+
+# ---- machine and tooling ----------------------------------------------------------
+
+host:
+	@bash .ci/host-setup
+
+$(VENV_STAMP): requirements-dev.txt $(APP_PYPROJECT)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	@if [ -f app/pyproject.toml ]; then $(BIN)/python -m pip install -q -e 'app[dev]'; fi
+	@touch $@
+
+venv: $(VENV_STAMP)
+
+images:
+	@for s in $(SUITES); do $(IMAGE_BUILD) $$s; done
+
+# ---- lint -------------------------------------------------------------------------
+# Each linter is skipped ONLY while the directory it checks does not exist yet.
+
+lint: venv
+	@failed=(); run() { echo "+ $$*"; "$$@" || failed+=("$$*"); }; \
+	run $(BIN)/yamllint .; \
+	run $(BIN)/ansible-lint; \
+	if [ -d app ]; then \
+		run $(BIN)/ruff check app; \
+		run $(BIN)/ruff format --check app; \
+		run bash -c "cd app && exec $(BIN)/mypy"; \
+	else echo "lint: app/ does not exist yet, skipping ruff and mypy"; fi; \
+	if [ $${#failed[@]} -gt 0 ]; then printf 'lint FAILED: %s\n' "$${failed[@]}"; exit 1; fi; \
+	echo "lint: all passed"
+
+# ---- tests ------------------------------------------------------------------------
+
+test-app: venv
+	@if [ ! -d app ]; then echo "test-app: app/ does not exist yet, skipping"; exit 0; fi
+	bash app/tests/services.sh
+	cd app && $(BIN)/pytest
+
+test-molecule: venv images
+	@failed=(); \
+	for s in $(SCENARIOS); do \
+		echo "=== molecule test -s $$s"; start=$$SECONDS; \
+		if molecule test -s $$s; then echo "=== $$s: OK in $$((SECONDS - start)) s"; \
+		else echo "=== $$s: FAILED after $$((SECONDS - start)) s"; failed+=($$s); fi; \
+	done; \
+	if [ $${#failed[@]} -gt 0 ]; then echo "failed scenarios: $${failed[*]}"; exit 1; fi; \
+	echo "all scenarios passed: $(SCENARIOS)"
+
+# All three run even when one fails, so one CI run reports everything.
+test: host
+	@failed=(); \
+	for t in lint test-app test-molecule; do $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
+	if [ $${#failed[@]} -gt 0 ]; then echo "make test FAILED: $${failed[*]}"; exit 1; fi; \
+	echo "make test: all passed"
+
+# ---- demo -------------------------------------------------------------------------
+
+demo: host venv
+	@$(IMAGE_BUILD) bookworm
+	@state=$$(docker inspect -f '{{.State.Running}}' $(DEMO_NAME) 2>/dev/null || echo missing); \
+	case $$state in \
+		true) echo "demo: container $(DEMO_NAME) already running";; \
+		false) echo "demo: starting existing container $(DEMO_NAME)"; docker start $(DEMO_NAME) >/dev/null;; \
+		*) echo "demo: creating container $(DEMO_NAME)"; \
+		   docker run -d --name $(DEMO_NAME) --hostname $(DEMO_NAME) $(DOCKER_SYSTEMD_FLAGS) \
+			$(DEMO_IMAGE) /lib/systemd/systemd >/dev/null;; \
+	esac
+	@for i in $$(seq 60); do \
+		state=$$(timeout 120 docker exec $(DEMO_NAME) systemctl is-system-running --wait 2>/dev/null || true); \
+		case $$state in running|degraded) break;; esac; sleep 1; \
+	done; \
+	echo "demo: systemd in $(DEMO_NAME) is $$state"; \
+	case $$state in running|degraded) ;; *) exit 1;; esac
+	ansible-playbook -i inventory/local playbooks/site.yml
+	@echo
+	@echo "xagent demo is up: $(DEMO_URL)"
+	@docker exec $(DEMO_NAME) systemctl list-units --no-pager 'xagent*'
+	@echo
+	@echo "shell inside the host:  docker exec -it $(DEMO_NAME) bash"
+	@echo "logs:                   docker exec $(DEMO_NAME) journalctl -u 'xagent*' -f"
+	@echo "remove:                 make demo-down"
+
+demo-down:
+	@if docker inspect $(DEMO_NAME) >/dev/null 2>&1; then \
+		docker rm -f $(DEMO_NAME) >/dev/null && echo "demo: removed $(DEMO_NAME)"; \
+	else echo "demo: no container $(DEMO_NAME)"; fi
+
+clean-images:
+	-docker image ls --format '{{.Repository}}:{{.Tag}}' 'xagent-testhost' | xargs -r docker image rm
+	rm -rf molecule/.image-cache
