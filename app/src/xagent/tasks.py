@@ -47,7 +47,9 @@ async def run_agent(run_id: str, request: Request = TaskiqDepends()) -> dict[str
             (
                 await conn.execute(
                     update(db.runs)
-                    .where(db.runs.c.id == rid)
+                    # a redelivery of a run that already finished is a no-op (at-least-once
+                    # delivery, idempotent consumer)
+                    .where(db.runs.c.id == rid, db.runs.c.status.in_(["queued", "running"]))
                     .values(status="running", attempts=db.runs.c.attempts + 1)
                     .returning(db.runs.c.input, db.runs.c.status)
                 )
@@ -56,8 +58,8 @@ async def run_agent(run_id: str, request: Request = TaskiqDepends()) -> dict[str
             .first()
         )
     if row is None:
-        log.warning("run %s not found; dropping", run_id)
-        return {"status": "missing"}
+        log.warning("run %s not found or already finished; nothing to do", run_id)
+        return {"status": "skipped"}
     spec = row["input"]
     status, result, error = "done", None, None
     try:
