@@ -147,7 +147,10 @@ def _fetch_http(
     spec: ModelSpec, part: Path, offset: int, progress: _Progress, timeout: float
 ) -> str:
     """Download into ``part`` starting at ``offset``; returns the hex digest of the whole file."""
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    # identity encoding: Range offsets and the digest apply to the file's own bytes
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
     try:
         with (
             httpx.Client(timeout=timeout, follow_redirects=True) as client,
@@ -170,7 +173,7 @@ def _fetch_http(
             done = offset
             with _open_part(part, offset) as fh:
                 try:
-                    for chunk in resp.iter_bytes(CHUNK):
+                    for chunk in resp.iter_raw():  # as it arrives: nothing lost on a break
                         fh.write(chunk)
                         digest.update(chunk)
                         done += len(chunk)
