@@ -1,0 +1,214 @@
+"""xagent-bootstrap as a subprocess: idempotence, concurrency, failures, run bookkeeping."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, base_env, run_bootstrap, sql
+from fileserver import FileServer
+from xagent.bootstrap import verify_password
+from xagent.tools import REGISTRY
+
+
+def _rows(db_url: str, query: str) -> list[dict[str, object]]:
+    return [dict(r) for r in sql(db_url, query)]
+
+
+def _snapshot(db_url: str) -> dict[str, object]:
+    return {
+        "tools": _rows(db_url, "SELECT * FROM tools ORDER BY name"),
+        "users": _rows(db_url, "SELECT * FROM users ORDER BY username"),
+        "version": _rows(db_url, "SELECT * FROM alembic_version"),
+    }
+
+
+def test_all_is_idempotent_and_records_each_run(fresh_db: str, tmp_path: Path) -> None:
+    env = base_env(fresh_db, "q", tmp_path / "models")
+    first = run_bootstrap(env)  # default: all
+    assert first.returncode == 0, first.stderr
+    assert "migrate: schema upgraded None -> 0001" in first.stdout
+    snap = _snapshot(fresh_db)
+
+    second = run_bootstrap(env, "all")
+    assert second.returncode == 0, second.stderr
+    assert "nothing to do" in second.stdout
+    assert _snapshot(fresh_db) == snap  # byte-identical rows, updated_at included
+
+    runs = _rows(fresh_db, "SELECT host, steps, ok, finished_at FROM bootstrap_runs ORDER BY id")
+    assert [(r["host"], r["steps"], r["ok"]) for r in runs] == [
+        ("testhost", "migrate,models,tools,root-user", True)
+    ] * 2
+    assert all(r["finished_at"] is not None for r in runs)
+
+    tools = {r["name"]: r for r in _rows(fresh_db, "SELECT * FROM tools")}
+    assert set(tools) == set(REGISTRY)
+    assert all(r["active"] for r in tools.values())
+    assert json.loads(str(tools["echo"]["schema"])) == REGISTRY["echo"].schema
+
+
+def test_root_user_password_is_a_salted_kdf_hash(fresh_db: str, tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "root_password").write_text("from the credential file\n")
+    env = base_env(fresh_db, "q", tmp_path / "models", CREDENTIALS_DIRECTORY=str(creds))
+    env["XAGENT_ROOT_PASSWORD"] = "ignored when the credential exists"
+    assert run_bootstrap(env, "migrate", "root-user").returncode == 0
+    (row,) = _rows(fresh_db, "SELECT username, password_hash, is_admin FROM users")
+    assert row["username"] == "root"
+    assert row["is_admin"] is True
+    stored = str(row["password_hash"])
+    assert stored.startswith("scrypt$")
+    assert "from the credential file" not in stored
+    assert verify_password("from the credential file", stored)
+    assert not verify_password("ignored when the credential exists", stored)
+
+
+def test_concurrent_bootstraps_serialise(fresh_db: str, tmp_path: Path) -> None:
+    """Two hosts bootstrapping an empty database at once: both succeed, no duplicates."""
+    env_a = base_env(fresh_db, "q", tmp_path / "a", XAGENT_HOST_NAME="host-a")
+    env_b = base_env(fresh_db, "q", tmp_path / "b", XAGENT_HOST_NAME="host-b")
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda e: run_bootstrap(e, "all"), [env_a, env_b]))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    counts = _rows(fresh_db, "SELECT name, count(*) AS n FROM tools GROUP BY name")
+    assert {r["name"]: r["n"] for r in counts} == dict.fromkeys(REGISTRY, 1)
+    assert _rows(fresh_db, "SELECT count(*) AS n FROM users") == [{"n": 1}]
+    hosts = _rows(fresh_db, "SELECT host FROM bootstrap_runs ORDER BY host")
+    assert [r["host"] for r in hosts] == ["host-a", "host-b"]
+
+
+def test_two_concurrent_tools_runs_give_no_duplicates(fresh_db: str, tmp_path: Path) -> None:
+    env = base_env(fresh_db, "q", tmp_path / "models")
+    assert run_bootstrap(env, "migrate").returncode == 0
+    procs = [
+        subprocess.Popen(
+            [str(BIN / "xagent-bootstrap"), "tools"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    rows = _rows(fresh_db, "SELECT name, count(*) AS n FROM tools GROUP BY name")
+    assert {r["name"]: r["n"] for r in rows} == dict.fromkeys(REGISTRY, 1)
+    # exactly one of them inserted the rows; the others found nothing to change
+    changed = sorted(
+        int(re.search(r"in code, (\d+) inserted/updated", out).group(1))  # type: ignore[union-attr]
+        for out, _ in outputs
+    )
+    assert changed == [0, 0, len(REGISTRY)]
+
+
+def test_tools_gone_from_code_are_marked_inactive(fresh_db: str, tmp_path: Path) -> None:
+    env = base_env(fresh_db, "q", tmp_path / "models")
+    assert run_bootstrap(env, "migrate", "tools").returncode == 0
+    sql(
+        fresh_db,
+        "INSERT INTO tools (name, description, schema, version) "
+        "VALUES ('retired', 'old tool', '{}', '0')",
+    )
+    sql(fresh_db, "UPDATE tools SET description = 'stale' WHERE name = 'echo'")
+    result = run_bootstrap(env, "tools")
+    assert result.returncode == 0, result.stderr
+    assert "1 inserted/updated, 1 retired" in result.stdout
+    rows = {r["name"]: r for r in _rows(fresh_db, "SELECT * FROM tools")}
+    assert rows["retired"]["active"] is False  # kept, not deleted
+    assert rows["echo"]["description"] == REGISTRY["echo"].description
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("xagent-bootstrap: error: ")
+    return lines[0]
+
+
+def test_missing_setting_fails_with_its_name(tmp_path: Path) -> None:
+    env = base_env("postgresql+asyncpg://x@127.0.0.1/x", "q", tmp_path)
+    del env["XAGENT_DATABASE_URL"]
+    line = _one_line_error(run_bootstrap(env, "all"))
+    assert "XAGENT_DATABASE_URL: required setting is missing" in line
+
+
+def test_malformed_models_fails_with_its_name(tmp_path: Path) -> None:
+    env = base_env("postgresql+asyncpg://x@127.0.0.1/x", "q", tmp_path, XAGENT_MODELS="[{")
+    line = _one_line_error(run_bootstrap(env, "models"))
+    assert "XAGENT_MODELS: not valid JSON" in line
+
+
+def test_unknown_step(tmp_path: Path) -> None:
+    env = base_env("postgresql+asyncpg://x@127.0.0.1/x", "q", tmp_path)
+    assert "unknown step 'everything'" in _one_line_error(run_bootstrap(env, "everything"))
+
+
+def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
+    env = base_env("postgresql+asyncpg://xagent:xagent@127.0.0.1:9/none", "q", tmp_path)
+    line = _one_line_error(run_bootstrap(env, "migrate"))
+    assert line.startswith("xagent-bootstrap: error: migrate: ")
+
+
+def test_root_user_without_password_fails(fresh_db: str, tmp_path: Path) -> None:
+    env = base_env(fresh_db, "q", tmp_path / "models")
+    del env["XAGENT_ROOT_PASSWORD"]
+    line = _one_line_error(run_bootstrap(env, "migrate", "root-user"))
+    assert "root_password" in line
+    (run,) = _rows(fresh_db, "SELECT ok, error FROM bootstrap_runs")
+    assert run["ok"] is False
+    assert "root_password" in str(run["error"])
+
+
+@pytest.fixture
+def model_server() -> Iterator[FileServer]:
+    srv = FileServer().start()
+    yield srv
+    srv.stop()
+
+
+def test_models_step_downloads_resumes_and_skips(
+    fresh_db: str, tmp_path: Path, model_server: FileServer
+) -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    model_server.files["weights.bin"] = data
+    model_server.drop_first_after["weights.bin"] = 700_000
+    spec = {
+        "name": "weights.bin",
+        "url": model_server.url("weights.bin"),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
+    models_dir = tmp_path / "models"
+    env = base_env(fresh_db, "q", models_dir, XAGENT_MODELS=json.dumps([spec]))
+    first = run_bootstrap(env, "all")
+    assert first.returncode == 0, first.stderr
+    assert "resuming at 700000 bytes" in first.stdout
+    assert (models_dir / "weights.bin").read_bytes() == data
+    second = run_bootstrap(env, "models")
+    assert second.returncode == 0
+    assert "models: weights.bin present" in second.stdout
+    assert len(model_server.requests) == 2
+
+
+def test_models_step_wrong_checksum_fails(
+    fresh_db: str, tmp_path: Path, model_server: FileServer
+) -> None:
+    model_server.files["w.bin"] = b"not what you expected" * 1000
+    spec = {"name": "w.bin", "url": model_server.url("w.bin"), "sha256": "ab" * 32}
+    models_dir = tmp_path / "models"
+    env = base_env(fresh_db, "q", models_dir, XAGENT_MODELS=json.dumps([spec]))
+    line = _one_line_error(run_bootstrap(env, "models"))
+    assert "w.bin: sha256 mismatch" in line
+    assert not (models_dir / "w.bin").exists()
+    assert [p.name for p in models_dir.iterdir() if p.name != ".lock"] == []
