@@ -8,6 +8,7 @@ producer side). It never downloads, migrates or registers anything: that is the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from xagent import db, models
@@ -28,6 +29,7 @@ from xagent.tasks import run_agent
 from xagent.tools import REGISTRY
 
 settings: Settings = get_settings()
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
@@ -39,7 +41,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.redis = redis_client
     if not broker.is_worker_process:
-        await broker.startup()
+        try:
+            await asyncio.wait_for(broker.startup(), timeout=10)
+        except Exception as exc:
+            # Redis down at boot must not crash-loop the web workers: /readyz reports it,
+            # sends reconnect later, and the receivers (re)create the consumer group.
+            log.error("broker startup failed (%s); serving, /readyz reports Redis", exc)
     try:
         yield
     finally:
@@ -104,7 +111,16 @@ async def create_run(body: RunRequest, request: Request) -> dict[str, Any]:
                 id=run_id, status="queued", input={"tool": body.tool, "args": body.args}
             )
         )
-    await run_agent.kicker().with_task_id(str(run_id)).kiq(str(run_id))
+    try:
+        await run_agent.kicker().with_task_id(str(run_id)).kiq(str(run_id))
+    except Exception as exc:
+        async with _engine(request).begin() as conn:
+            await conn.execute(
+                update(db.runs)
+                .where(db.runs.c.id == run_id)
+                .values(status="failed", error=f"enqueue failed: {exc}")
+            )
+        raise HTTPException(status_code=503, detail="task queue unavailable") from exc
     return {"id": str(run_id), "status": "queued"}
 
 
