@@ -61,8 +61,10 @@ $(VENV_STAMP): requirements-dev.txt $(APP_PYPROJECT)
 
 venv: $(VENV_STAMP)
 
+# Both suites in parallel (debootstrap is mostly download and dpkg; ~2 min each).
 images:
-	@for s in $(SUITES); do $(IMAGE_BUILD) $$s; done
+	@pids=(); for s in $(SUITES); do $(IMAGE_BUILD) $$s & pids+=($$!); done; \
+	rc=0; for p in "$${pids[@]}"; do wait $$p || rc=1; done; exit $$rc
 
 # ---- lint -------------------------------------------------------------------------
 # Each linter is skipped ONLY while the directory it checks does not exist yet.
