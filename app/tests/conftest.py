@@ -201,7 +201,13 @@ class Stack:
             self.base_url = base_url
         return base_url
 
-    def receiver(self, workers: int = 1, *extra: str, env: dict[str, str] | None = None) -> Proc:
+    def receiver(
+        self,
+        workers: int = 1,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> Proc:
         proc = self.start(
             "receiver",
             [
@@ -215,21 +221,33 @@ class Stack:
             ],
             env,
         )
-        proc.wait_for_log(r"Listening started", timeout=30)
+        if wait:
+            wait_for_receiver(proc, workers)
         return proc
 
-    def scheduler(self, env: dict[str, str] | None = None) -> Proc:
+    def scheduler(self, env: dict[str, str] | None = None, wait: bool = True) -> Proc:
         proc = self.start(
             "scheduler",
             [str(BIN / "taskiq"), "scheduler", "xagent.scheduler:scheduler", "xagent.tasks"],
             env,
         )
-        proc.wait_for_log(r"Startup completed", timeout=30)
+        if wait:
+            proc.wait_for_log(r"Startup completed", timeout=30)
         return proc
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(signal.SIGINT if proc.name == "scheduler" else signal.SIGTERM)
+
+
+def wait_for_receiver(proc: Proc, workers: int, timeout: float = 40) -> None:
+    """Wait until every child of a ``taskiq worker`` is listening."""
+    wait_until(
+        lambda: proc.log().count("Listening started") >= workers or proc.popen.poll() is not None,
+        timeout=timeout,
+        what=f"{proc.name} to listen",
+    )
+    assert proc.popen.poll() is None, proc.log()[-4000:]
 
 
 def wait_until(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import signal
 import sys
 import time
@@ -67,6 +68,8 @@ def test_sigterm_finishes_in_flight_task_and_exits_quickly(
     stack_factory: Callable[[dict[str, str]], Stack],
 ) -> None:
     assert sys.version_info[:2] >= (3, 11)
+    # the fix for the Python 3.11 hang: taskiq worker uses uvloop when it is installed
+    assert importlib.util.find_spec("uvloop") is not None
     env = base_env(session_db, queue_name, tmp_path / "models")
     stack = stack_factory(env)
     base_url = stack.web()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from conftest import TEST_REDIS_URL, Stack, base_env, sql, wait_until
+from conftest import TEST_REDIS_URL, Stack, base_env, sql, wait_for_receiver, wait_until
 
 TICK_INTERVAL = 2
 
@@ -34,9 +37,11 @@ def stack(session_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     st = Stack(env, tmp)
     try:
         st.web(workers=2)
-        st.receiver(2)
-        st.receiver(2)
-        st.scheduler()
+        receivers = [st.receiver(2, wait=False), st.receiver(2, wait=False)]
+        scheduler = st.scheduler(wait=False)
+        for proc in receivers:
+            wait_for_receiver(proc, 2)
+        scheduler.wait_for_log(r"Startup completed", timeout=30)
         yield st
     finally:
         st.stop_all()
@@ -108,6 +113,40 @@ def test_many_runs_spread_over_receivers(stack: Stack) -> None:
     bodies = [_wait_run(stack.base_url, run_id) for run_id in ids]
     assert [b["result"] for b in bodies] == [{"words": 2 * i, "chars": 4 * i} for i in range(1, 21)]
     assert all(b["attempts"] == 1 for b in bodies)
+
+
+BURN = """
+import asyncio, json
+from xagent.broker import broker
+from xagent.tasks import burn_cpu
+
+async def main():
+    await broker.startup()
+    task = await burn_cpu.kiq(300)
+    result = await task.wait_result(timeout=30)
+    print(json.dumps({"task_id": task.task_id, "value": result.return_value}))
+    await broker.shutdown()
+
+asyncio.run(main())
+"""
+
+
+def test_burn_cpu_result_comes_back_and_expires(stack: Stack) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", BURN],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    body = json.loads(out.strip().splitlines()[-1])
+    assert body["value"]["rounds"] > 0
+    receiver_pids = {p.pid for p in stack.procs if p.name == "receiver"}
+    assert body["value"]["pid"] not in receiver_pids  # ran in a receiver's child process
+    key = f"{stack.env['XAGENT_QUEUE_NAME']}:result:{body['task_id']}"
+    ttl = redis.Redis.from_url(TEST_REDIS_URL).ttl(key)
+    assert 0 < ttl <= 3600
 
 
 def test_tools_endpoint_lists_registry(stack: Stack) -> None:
