@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import Stack, base_env, sql, wait_until
+from conftest import Stack, base_env, sql, wait_for_receiver, wait_until
 
 
 def _status(db_url: str, run_id: str) -> tuple[str, int]:
@@ -53,8 +53,9 @@ def test_sigkilled_receiver_task_is_redelivered(
 
     # a new receiver plus the scheduler's reclaim keep-alive: the stale pending message is
     # claimed once it has been idle for XAGENT_STREAM_IDLE_TIMEOUT_MS
-    stack.receiver(1)
+    replacement = stack.receiver(1, wait=False)
     stack.scheduler()
+    wait_for_receiver(replacement, 1)
     wait_until(lambda: _status(session_db, run_id)[0] == "done", timeout=30, what="redelivered run")
     assert _status(session_db, run_id) == ("done", 2)
     body = httpx.get(f"{base_url}/runs/{run_id}").json()
