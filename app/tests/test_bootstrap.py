@@ -212,3 +212,13 @@ def test_models_step_wrong_checksum_fails(
     assert "w.bin: sha256 mismatch" in line
     assert not (models_dir / "w.bin").exists()
     assert [p.name for p in models_dir.iterdir() if p.name != ".lock"] == []
+
+
+def test_check_config(tmp_path: Path) -> None:
+    env = base_env("postgresql+asyncpg://x@127.0.0.1/x", "q", tmp_path)
+    ok = run_bootstrap(env, "--check-config")
+    assert ok.returncode == 0
+    assert ok.stdout.strip() == "settings ok"
+    env["XAGENT_STREAM_XREAD_COUNT"] = "0"
+    line = _one_line_error(run_bootstrap(env, "--check-config"))
+    assert "XAGENT_STREAM_XREAD_COUNT: Input should be greater than or equal to 1" in line

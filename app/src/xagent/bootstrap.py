@@ -323,7 +323,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="STEP",
         help=f"all (default) or any of: {', '.join(STEPS)}",
     )
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="only validate the settings (and credential files), then exit 0 or 1",
+    )
     args = parser.parse_args(argv)
+    if args.check_config:
+        try:
+            load_settings()
+        except SettingsError as exc:
+            print(f"xagent-bootstrap: error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        say("settings ok")
+        return 0
     try:
         steps = parse_steps(args.steps)
         settings = load_settings()
