@@ -41,7 +41,7 @@ help:
 	@echo "make host          install docker.io, debootstrap, redis, postgresql; start dockerd (root)"
 	@echo "make venv          create .venv from requirements-dev.txt (+ app[dev])"
 	@echo "make images        build the bookworm and trixie test-host images (cached by input hash)"
-	@echo "make lint          yamllint, ansible-lint (production), ruff, mypy"
+	@echo "make lint          yamllint, ansible-lint (production), shellcheck, ruff, mypy"
 	@echo "make test-app      app service checks + pytest"
 	@echo "make test-molecule every Molecule scenario: $(SCENARIOS)"
 	@echo "make test          lint + test-app + test-molecule"
@@ -73,6 +73,7 @@ lint: venv
 	@failed=(); run() { echo "+ $$*"; "$$@" || failed+=("$$*"); }; \
 	run $(BIN)/yamllint .; \
 	run $(BIN)/ansible-lint; \
+	run shellcheck -S warning $$(git ls-files '*.sh' .ci/run .ci/host-setup); \
 	if [ -d app ]; then \
 		run $(BIN)/ruff check app; \
 		run $(BIN)/ruff format --check app; \

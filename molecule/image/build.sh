@@ -113,7 +113,7 @@ cleanup() {
     # debootstrap may leave proc/sys mounted when it fails half-way.
     local m
     if [[ -d $WORK/rootfs ]]; then
-        findmnt -rn -o TARGET | grep -F "$WORK/rootfs" | sort -r | while read -r m; do
+        { findmnt -rn -o TARGET | grep -F "$WORK/rootfs" || true; } | sort -r | while read -r m; do
             umount -l "$m" || true
         done
     fi
@@ -127,7 +127,9 @@ pkgs=$(IFS=,; echo "${PACKAGES[*]}")
 if ! debootstrap --variant=minbase --include="$pkgs" "$SUITE" "$WORK/rootfs" "$MIRROR" \
         >"$WORK/debootstrap.log" 2>&1; then
     tail -n 40 "$WORK/debootstrap.log" >&2
-    [[ -f $WORK/rootfs/debootstrap/debootstrap.log ]] && tail -n 40 "$WORK/rootfs/debootstrap/debootstrap.log" >&2
+    if [[ -f $WORK/rootfs/debootstrap/debootstrap.log ]]; then
+        tail -n 40 "$WORK/rootfs/debootstrap/debootstrap.log" >&2
+    fi
     echo "debootstrap failed" >&2
     exit 1
 fi
@@ -185,6 +187,10 @@ log "docker build --network none"
 docker build --network none -q -t "$TAG" "$CTX" >/dev/null
 docker tag "$TAG" "$ALIAS"
 docker image rm "$ROOTFS_TAG" >/dev/null 2>&1 || true
+# Drop images of older input hashes of this suite (kept if a container uses them).
+docker image ls --format '{{.Repository}}:{{.Tag}}' "$REPO_NAME" \
+    | grep -E "^$REPO_NAME:$SUITE-[0-9a-f]{12}\$" | grep -vxF "$TAG" \
+    | xargs -r docker image rm >/dev/null 2>&1 || true
 log "built $TAG in $((SECONDS - start)) s"
 
 if [[ $SAVE == 1 ]]; then
