@@ -34,6 +34,7 @@ DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN \
 
 VENV_STAMP    := $(VENV)/.xagent-venv-stamp
 APP_PYPROJECT := $(wildcard app/pyproject.toml)
+APP_LOCK      := $(wildcard app/requirements.lock)
 
 .PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images
 
@@ -53,10 +54,12 @@ help:
 host:
 	@bash .ci/host-setup
 
-$(VENV_STAMP): requirements-dev.txt $(APP_PYPROJECT)
+$(VENV_STAMP): requirements-dev.txt $(APP_PYPROJECT) $(APP_LOCK)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
-	@if [ -f app/pyproject.toml ]; then $(BIN)/python -m pip install -q -e 'app[dev]'; fi
+	@# The app's lock file pins the runtime deps the hosts get: test against the same.
+	if [ -f app/pyproject.toml ]; then \
+		$(BIN)/python -m pip install -q -e 'app[dev]' $(if $(APP_LOCK),-c $(APP_LOCK)); fi
 	@touch $@
 
 venv: $(VENV_STAMP)
