@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -84,6 +85,11 @@ def test_run_round_trip_through_a_receiver(stack: Stack) -> None:
     assert body["status"] == "done"
     assert body["result"] == {"value": 42}
     assert body["attempts"] == 1
+    # executed by a child of one of the `taskiq worker` processes, not by the web
+    receiver_pids = {p.popen.pid for p in stack.procs if p.name == "receiver"}
+    stat = Path(f"/proc/{body['worker_pid']}/stat").read_text()
+    assert int(stat.rsplit(")", 1)[1].split()[1]) in receiver_pids
+    assert body["worker_host"] == "testhost"
     rows = sql(
         stack.env["XAGENT_DATABASE_URL"], "SELECT status FROM runs WHERE id = $1", uuid.UUID(run_id)
     )

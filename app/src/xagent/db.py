@@ -47,6 +47,9 @@ runs = Table(
     Column("result", JSON, nullable=True),
     Column("error", Text, nullable=True),
     Column("attempts", Integer, nullable=False, server_default="0"),
+    # The receiver process that executed the run last (deployment tests read it).
+    Column("worker_host", String(255), nullable=True),
+    Column("worker_pid", Integer, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True), nullable=True),
 )

@@ -137,6 +137,8 @@ async def get_run(run_id: uuid.UUID, request: Request) -> dict[str, Any]:
         "result": row["result"],
         "error": row["error"],
         "attempts": row["attempts"],
+        "worker_host": row["worker_host"],
+        "worker_pid": row["worker_pid"],
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
     }

@@ -50,7 +50,12 @@ async def run_agent(run_id: str, request: Request = TaskiqDepends()) -> dict[str
                     # a redelivery of a run that already finished is a no-op (at-least-once
                     # delivery, idempotent consumer)
                     .where(db.runs.c.id == rid, db.runs.c.status.in_(["queued", "running"]))
-                    .values(status="running", attempts=db.runs.c.attempts + 1)
+                    .values(
+                        status="running",
+                        attempts=db.runs.c.attempts + 1,
+                        worker_host=settings.host_name,
+                        worker_pid=os.getpid(),
+                    )
                     .returning(db.runs.c.input, db.runs.c.status)
                 )
             )
