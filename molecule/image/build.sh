@@ -164,6 +164,29 @@ Suites: $SUITE-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
+# systemd makes / a shared mount at boot only on real hosts, not in
+# containers. Without that, LoadCredential= for a service with User= fails
+# here: systemd mounts the credential ramfs in a child mount namespace and
+# moves it to /run/credentials/<unit>, which never propagates back, so the
+# service sees a root-only plain directory ("Permission denied"). Make /
+# rshared early, as on a real host (propagation towards the machine's own
+# mounts stays one-way: the container's / remains a slave of it).
+cat >"$CTX/xagent-testhost-rshared.service" <<'EOF'
+[Unit]
+Description=Make / a shared mount as on a real host (LoadCredential= needs it)
+DefaultDependencies=no
+ConditionVirtualization=container
+Before=local-fs-pre.target sysinit.target
+Wants=local-fs-pre.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/mount --make-rshared /
+
+[Install]
+WantedBy=sysinit.target
+EOF
 cat >"$CTX/Dockerfile" <<EOF
 FROM $ROOTFS_TAG
 LABEL org.opencontainers.image.title="xagent test host ($SUITE)" \\
@@ -174,8 +197,10 @@ ENV container=docker \\
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 COPY ca/ /usr/local/share/ca-certificates/
 COPY debian.sources /etc/apt/sources.list.d/debian.sources
+COPY xagent-testhost-rshared.service /etc/systemd/system/
 RUN rm -f /etc/apt/sources.list \\
  && update-ca-certificates \\
+ && systemctl enable xagent-testhost-rshared.service \\
  && systemctl mask ${MASK_UNITS[*]} \\
  && systemctl set-default multi-user.target \\
  && : > /etc/machine-id
