@@ -115,7 +115,9 @@ demo: host venv
 	@$(IMAGE_BUILD) bookworm
 	@state=$$(docker inspect -f '{{.State.Running}}' $(DEMO_NAME) 2>/dev/null || echo missing); \
 	case $$state in \
-		true) echo "demo: container $(DEMO_NAME) already running";; \
+		true) echo "demo: container $(DEMO_NAME) already running"; \
+		   [ "$$(docker inspect -f '{{.Image}}' $(DEMO_NAME))" = "$$(docker image inspect -f '{{.Id}}' $(DEMO_IMAGE))" ] || \
+		   echo "demo: WARNING $(DEMO_NAME) runs an older $(DEMO_IMAGE); 'make demo-down demo' recreates it";; \
 		false) echo "demo: starting existing container $(DEMO_NAME)"; docker start $(DEMO_NAME) >/dev/null;; \
 		*) echo "demo: creating container $(DEMO_NAME)"; \
 		   docker run -d --name $(DEMO_NAME) --hostname $(DEMO_NAME) $(DOCKER_SYSTEMD_FLAGS) \
