@@ -171,7 +171,7 @@ EOF
 # service sees a root-only plain directory ("Permission denied"). Make /
 # rshared early, as on a real host (propagation towards the machine's own
 # mounts stays one-way: the container's / remains a slave of it).
-cat >"$CTX/xagent-testhost-rshared.service" <<'EOF'
+cat >"$CTX/testhost-rshared.service" <<'EOF'
 [Unit]
 Description=Make / a shared mount as on a real host (LoadCredential= needs it)
 DefaultDependencies=no
@@ -197,10 +197,10 @@ ENV container=docker \\
     PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 COPY ca/ /usr/local/share/ca-certificates/
 COPY debian.sources /etc/apt/sources.list.d/debian.sources
-COPY xagent-testhost-rshared.service /etc/systemd/system/
+COPY testhost-rshared.service /etc/systemd/system/
 RUN rm -f /etc/apt/sources.list \\
  && update-ca-certificates \\
- && systemctl enable xagent-testhost-rshared.service \\
+ && systemctl enable testhost-rshared.service \\
  && systemctl mask ${MASK_UNITS[*]} \\
  && systemctl set-default multi-user.target \\
  && : > /etc/machine-id
