@@ -83,7 +83,7 @@ ALIAS=$REPO_NAME:$SUITE
 ARCHIVE=$CACHE_DIR/$SUITE-$HASH.tar.gz
 
 mkdir -p "$CACHE_DIR"
-# One build per suite at a time (several engineers / make jobs share Docker).
+# One build per suite at a time (parallel make jobs share Docker).
 exec 9>"$CACHE_DIR/.lock-$SUITE"
 flock 9
 
