@@ -93,15 +93,19 @@ async def call_tool(name: str, args: dict[str, Any]) -> Any:
     return await found.func(args)
 
 
+# Arguments of the tools that take one text.
+_TEXT_ARGS: dict[str, Any] = {
+    "type": "object",
+    "properties": {"text": {"type": "string"}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+
+
 @tool(
     "echo",
     "Return the given text unchanged.",
-    {
-        "type": "object",
-        "properties": {"text": {"type": "string"}},
-        "required": ["text"],
-        "additionalProperties": False,
-    },
+    _TEXT_ARGS,
 )
 async def _echo(args: dict[str, Any]) -> Any:
     return {"text": args["text"]}
@@ -110,12 +114,7 @@ async def _echo(args: dict[str, Any]) -> Any:
 @tool(
     "word_count",
     "Count words and characters of a text.",
-    {
-        "type": "object",
-        "properties": {"text": {"type": "string"}},
-        "required": ["text"],
-        "additionalProperties": False,
-    },
+    _TEXT_ARGS,
 )
 async def _word_count(args: dict[str, Any]) -> Any:
     text: str = args["text"]
