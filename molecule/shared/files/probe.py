@@ -8,11 +8,14 @@ flight and writes a JSON summary. Standard library only, so it runs on a bare
 test host.
 
     probe.py --url http://127.0.0.1:18000/healthz --rate 50 --out /var/tmp/probe.json
+    probe.py --url http://127.0.0.1:18000/runs --body '{"tool": "sleep", "args": {"seconds": 2}}' \
+             --expect 202 --rate 2 --out /var/tmp/runs.json      (POSTs; collects the "id"s)
 
 A request fails when the connection is refused or reset, no complete answer
-arrives within --timeout, or the status is not 200. The summary also lists
-the releases that answered (the app's X-Release header) in order of first
-appearance, and the longest time without a successful answer.
+arrives within --timeout, or the status is not --expect. The summary also
+lists the releases that answered (the app's X-Release header) in order of
+first appearance, the longest time without a successful answer, and with
+--body the "id" of every accepted POST.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import itertools
 import json
 import os
 import resource
@@ -30,35 +34,44 @@ from collections import Counter
 from typing import Any
 
 
-async def one_request(host: str, port: int, target: str, timeout: float) -> tuple[str, str]:
-    """Return (outcome, release): outcome is 'ok', 'status <n>' or an error name."""
+async def one_request(
+    host: str, port: int, target: str, timeout: float, body: bytes | None, expect: int
+) -> tuple[str, str, bytes]:
+    """Return (outcome, release, body): outcome is 'ok', 'status <n>' or an error name."""
     writer = None
+    if body is None:
+        request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+        payload = request.encode()
+    else:
+        request = (
+            f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        payload = request.encode() + body
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        writer.write(
-            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode()
-        )
+        writer.write(payload)
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), timeout)
-    except (TimeoutError, asyncio.TimeoutError):
-        return "timeout", ""
+    except TimeoutError:
+        return "timeout", "", b""
     except OSError as exc:
         name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
-        return f"{type(exc).__name__} {name}".strip(), ""
+        return f"{type(exc).__name__} {name}".strip(), "", b""
     finally:
         if writer is not None:
             writer.close()
-    head, _, _ = raw.partition(b"\r\n\r\n")
+    head, _, answer = raw.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2) if lines and lines[0] else []
     if len(parts) < 2 or not parts[1].isdigit():
-        return "bad-answer", ""
+        return "bad-answer", "", b""
     release = ""
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "x-release":
             release = value.strip()
-    return ("ok" if parts[1] == "200" else f"status {parts[1]}"), release
+    return ("ok" if int(parts[1]) == expect else f"status {parts[1]}"), release, answer
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,10 +88,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     latencies: list[float] = []
     ok_times: list[float] = []
     failures: list[dict[str, Any]] = []
+    ids: list[str] = []
+    body = args.body.encode() if args.body is not None else None
     started = time.monotonic()
 
     async def fire(scheduled: float) -> None:
-        outcome, release = await one_request(host, port, target, args.timeout)
+        outcome, release, answer = await one_request(
+            host, port, target, args.timeout, body, args.expect
+        )
         done = time.monotonic()
         outcomes[outcome] += 1
         latencies.append(done - scheduled)
@@ -86,6 +103,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ok_times.append(done - started)
             if release and release not in releases:
                 releases.append(release)
+            if body is not None:
+                try:
+                    ids.append(str(json.loads(answer)["id"]))
+                except (ValueError, KeyError, TypeError):
+                    outcomes["ok-without-id"] += 1
         elif len(failures) < 50:
             failures.append({"at": round(scheduled - started, 3), "outcome": outcome})
 
@@ -99,7 +121,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 await asyncio.wait_for(stop.wait(), delay)
                 break
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 pass
         task = asyncio.create_task(fire(scheduled))
         tasks.add(task)
@@ -110,10 +132,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     latencies.sort()
     ok_times.sort()
-    gaps = [b - a for a, b in zip(ok_times, ok_times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(ok_times)]
 
     def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 4) if latencies else 0.0
+        return (
+            round(latencies[min(len(latencies) - 1, int(p * len(latencies)))], 4)
+            if latencies
+            else 0.0
+        )
 
     sent = sum(outcomes.values())
     return {
@@ -122,7 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(time.monotonic() - started, 1),
         "sent": sent,
         "ok": outcomes["ok"],
-        "failed": sent - outcomes["ok"],
+        "failed": sent - outcomes["ok"] + outcomes["ok-without-id"],
         "outcomes": dict(outcomes),
         "first_failures": failures,
         "releases": releases,
@@ -130,6 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_p99": pct(0.99),
         "latency_max": round(latencies[-1], 4) if latencies else 0.0,
         "longest_gap_without_success": round(max(gaps), 3) if gaps else 0.0,
+        "ids": ids,
     }
 
 
@@ -138,6 +165,8 @@ def main() -> None:
     parser.add_argument("--url", required=True)
     parser.add_argument("--rate", type=float, default=50.0, help="requests per second")
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds per request")
+    parser.add_argument("--body", help="JSON body: POST it instead of GET")
+    parser.add_argument("--expect", type=int, default=200, help="status that counts as success")
     parser.add_argument("--out", required=True, help="JSON summary written on stop")
     args = parser.parse_args()
     # Requests queue while the server restarts: each one holds a socket.
