@@ -170,9 +170,17 @@ def test_unknown_step(tmp_path: Path) -> None:
 
 
 def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
-    env = base_env("postgresql+asyncpg://xagent:xagent@127.0.0.1:9/none", "q", tmp_path)
-    line = _one_line_error(run_bootstrap(env, "migrate"))
-    assert line.startswith("xagent-bootstrap: error: migrate: ")
+    env = base_env(
+        "postgresql+asyncpg://xagent:xagent@127.0.0.1:9/none",
+        "q",
+        tmp_path,
+        XAGENT_BOOTSTRAP_WAIT_SECONDS="0",  # a single attempt
+    )
+    result = run_bootstrap(env, "migrate")
+    line = _one_line_error(result)
+    assert line.startswith("xagent-bootstrap: error: migrate: postgresql not reachable after ")
+    assert "ConnectionRefusedError" in line
+    assert "waiting for postgresql" not in result.stdout
 
 
 def test_root_user_without_password_fails(fresh_db: str, tmp_path: Path) -> None:
