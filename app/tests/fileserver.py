@@ -37,7 +37,7 @@ class _QuietServer(ThreadingHTTPServer):
 
 @dataclass
 class FileServer:
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict, repr=False)
     drop_first_after: dict[str, int] = field(default_factory=dict)
     drop_every: dict[str, int] = field(default_factory=dict)
     stall_at: dict[str, int] = field(default_factory=dict)
