@@ -296,9 +296,11 @@ def test_concurrent_models_runs_download_each_file_once(
         second = Proc("models-2", argv, env, tmp_path)
         waiting = second  # for the closure's type
         wait_until(
-            lambda: "another bootstrap on this host" in waiting.log()
-            or len(model_server.requests) > 1
-            or waiting.popen.poll() is not None,
+            lambda: (
+                "another bootstrap on this host" in waiting.log()
+                or len(model_server.requests) > 1
+                or waiting.popen.poll() is not None
+            ),
             timeout=60,
             what="the second run to wait or download",
         )
