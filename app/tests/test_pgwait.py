@@ -22,6 +22,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from conftest import BIN, TEST_DB_URL, Proc, base_env, run_bootstrap, sql
@@ -155,18 +156,18 @@ def test_bootstrap_gives_up_at_the_deadline(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "expected"),
+    ("password", "database", "expected"),
     [
-        ({"password": "wrong"}, "password authentication failed"),
-        ({"database": "xagent_no_such_db"}, 'database "xagent_no_such_db" does not exist'),
+        ("wrong", None, "password authentication failed"),
+        (None, "xagent_no_such_db", 'database "xagent_no_such_db" does not exist'),
     ],
 )
 def test_errors_that_waiting_cannot_fix_fail_at_once(
-    services: None, tmp_path: Path, change: dict[str, str], expected: str
+    services: None, tmp_path: Path, password: str | None, database: str | None, expected: str
 ) -> None:
-    from sqlalchemy.engine import make_url
-
-    db_url = make_url(TEST_DB_URL).set(**change).render_as_string(hide_password=False)
+    url = make_url(TEST_DB_URL)
+    url = url.set(password=password or url.password, database=database or url.database)
+    db_url = url.render_as_string(hide_password=False)
     env = base_env(db_url, "q", tmp_path / "models", XAGENT_BOOTSTRAP_WAIT_SECONDS="900")
     result = run_bootstrap(env, "migrate", timeout=60)
     assert result.returncode == 1
