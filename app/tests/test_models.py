@@ -236,3 +236,15 @@ def test_progress_lines_show_percent_and_speed(
     assert len(progress) >= 3, lines
     assert "100.0%" in progress[-1]
     assert all("%" in line for line in progress)
+
+
+def test_stall_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xagent.settings import SettingsError, load_settings
+
+    base = {"database_url": "postgresql://x@127.0.0.1/x", "redis_url": "redis://127.0.0.1/0"}
+    monkeypatch.delenv("XAGENT_DOWNLOAD_STALL_SECONDS", raising=False)
+    assert load_settings(**base).download_stall_seconds == 120
+    monkeypatch.setenv("XAGENT_DOWNLOAD_RETRIES", "3")  # old env files keep working
+    monkeypatch.setenv("XAGENT_DOWNLOAD_STALL_SECONDS", "0")
+    with pytest.raises(SettingsError, match=r"^XAGENT_DOWNLOAD_STALL_SECONDS: "):
+        load_settings(**base)

@@ -220,3 +220,16 @@ def test_describe_names_the_driver_error() -> None:
     exc = _wrapped(asyncpg.CannotConnectNowError("the database system is starting up"))
     assert pgwait.describe(exc) == "CannotConnectNowError: the database system is starting up"
     assert pgwait.describe(TimeoutError()) == "TimeoutError: connection attempt timed out"
+
+
+def test_wait_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from xagent.settings import SettingsError, load_settings
+
+    base = {"database_url": "postgresql://x@127.0.0.1/x", "redis_url": "redis://127.0.0.1/0"}
+    monkeypatch.delenv("XAGENT_BOOTSTRAP_WAIT_SECONDS", raising=False)
+    assert load_settings(**base).bootstrap_wait_seconds == 900
+    monkeypatch.setenv("XAGENT_BOOTSTRAP_WAIT_SECONDS", "0")
+    assert load_settings(**base).bootstrap_wait_seconds == 0
+    monkeypatch.setenv("XAGENT_BOOTSTRAP_WAIT_SECONDS", "-1")
+    with pytest.raises(SettingsError, match=r"^XAGENT_BOOTSTRAP_WAIT_SECONDS: "):
+        load_settings(**base)

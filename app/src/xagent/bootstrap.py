@@ -147,7 +147,7 @@ async def step_migrate(engine: AsyncEngine, settings: Settings) -> None:
                 chain = schema.check_ahead(before, code, recorded)
             except schema.SchemaError as exc:
                 raise BootstrapError(f"migrate: {exc}") from None
-            # nothing recorded either: the newer release's rows know more than this code
+            # and no history written: the newer release's rows know more than this code
             say(f"migrate: {schema.ahead_message(before, head, chain)}")
             return
         await conn.run_sync(_alembic_upgrade)
