@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import signal
 import socket
@@ -150,9 +151,16 @@ def test_bootstrap_gives_up_at_the_deadline(tmp_path: Path) -> None:
     assert "(deadline XAGENT_BOOTSTRAP_WAIT_SECONDS=3)" in line
     assert "last error: ConnectionRefusedError" in line
     assert elapsed >= 3
-    # attempts at 0, 1 and 3 s; the last one is at the deadline, not a backoff after it
+    # attempts at 0, 1 and 3 s: one line for each but the last, which is at the deadline
+    # (not a whole backoff after it) and ends in the error
     attempts = [ln for ln in result.stdout.splitlines() if ln.startswith("waiting for postgresql")]
-    assert [ln.split("(attempt ")[1].split(",")[0] for ln in attempts] == ["1", "2"], attempts
+    numbers = [int(ln.split("(attempt ")[1].split(",")[0]) for ln in attempts]
+    assert numbers == list(range(1, len(numbers) + 1)), attempts
+    assert f"and {len(numbers) + 1} attempt(s)" in line
+    # as measured by the bootstrap itself: a further backoff would have ended at 7 s
+    waited = re.search(r"not reachable after (\d+) s", line)
+    assert waited is not None
+    assert 3 <= int(waited.group(1)) < 7, line
 
 
 @pytest.mark.parametrize(
