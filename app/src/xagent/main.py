@@ -41,6 +41,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     app.state.engine = engine
     app.state.redis = redis_client
+    # the models, mapped read-only and shared by every process (one copy in the page cache)
+    app.state.models = await asyncio.to_thread(models.map_all, settings)
     if not broker.is_worker_process:
         try:
             await asyncio.wait_for(broker.startup(), timeout=10)
@@ -55,6 +57,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await broker.shutdown()
         await redis_client.aclose()
         await engine.dispose()
+        for model in app.state.models:
+            model.close()
 
 
 app = FastAPI(title="xagent", lifespan=lifespan)

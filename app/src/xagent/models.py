@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import mmap
 import os
 import time
 import urllib.parse
@@ -90,6 +91,23 @@ def check_all(settings: Settings) -> list[str]:
         if not stamp_ok(paths_for(settings.models_dir, spec), spec.sha256):
             problems.append(f"{spec.name} missing or not verified")
     return problems
+
+
+def map_all(settings: Settings) -> list[mmap.mmap]:
+    """Map every present model file read-only, shared: all web workers and receivers that
+    map it use the one copy in the page cache instead of one each on their heap. The pages
+    are faulted in now (MAP_POPULATE), as loading the model's weights would. A missing
+    file is skipped (/readyz reports it)."""
+    maps = []
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    for spec in settings.models:
+        try:
+            with paths_for(settings.models_dir, spec).final.open("rb") as fh:
+                if os.fstat(fh.fileno()).st_size > 0:
+                    maps.append(mmap.mmap(fh.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return maps
 
 
 def _fsync_dir(path: Path) -> None:
