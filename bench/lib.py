@@ -1,0 +1,268 @@
+"""Shared pieces of the benchmark harness: the host container, the load generator, stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+STATE = Path(os.environ.get("BENCH_STATE", BENCH / ".state"))
+HOST = "xagent-bench"
+IMAGE = "xagent-testhost:bookworm"
+APP = "xagent"
+WEB_PORT = 38000
+NAIVE_PORT = 38001
+BARE_PORT = 38002
+ORIGIN_PORT = 38099
+VENV_PY = f"/opt/{APP}/current/venv/bin/python"
+HOST_DIR = "/opt/xagent-bench"
+# Same flags as `make demo` / the Molecule platform (systemd as PID 1, host networking).
+DOCKER_SYSTEMD_FLAGS = [
+    "--network", "host", "--cgroupns", "host", "--cap-add", "SYS_ADMIN",
+    "-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro", "--tmpfs", "/run", "--tmpfs", "/run/lock",
+    "--stop-signal", "SIGRTMIN+3",
+]  # fmt: skip
+
+
+# The bench host's own cgroup at the machine's root (cgroup v1 cpu controller), with a
+# weight of its own. The machine is shared: jobs outside it compete with the bench host
+# as a whole, and when receivers keep the host busy its whole group waits for its turn
+# behind them, which no setting inside the host can change. A higher weight for the
+# bench host keeps what is measured about the host's own units, not about the
+# neighbours. 10240 = ten default containers.
+CGROUP_PARENT = "xagent-bench"
+CPU_SHARES = int(os.environ.get("BENCH_CPU_SHARES", "10240"))
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def run(argv: list[str], *, timeout: float = 600, check: bool = True, **kw: Any) -> str:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError(
+            f"{shlex.join(argv)[:300]} exited {proc.returncode}: "
+            f"{(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
+    return proc.stdout
+
+
+class Host:
+    """The systemd container the bundle is deployed to (docker exec)."""
+
+    name = HOST
+
+    def sh(self, script: str, *, timeout: float = 600, check: bool = True) -> str:
+        return run(
+            ["docker", "exec", self.name, "bash", "-c", f"set -euo pipefail; {script}"],
+            timeout=timeout,
+            check=check,
+        )
+
+    def helper(self, *args: str, timeout: float = 600) -> Any:
+        out = self.sh(f"{VENV_PY} {HOST_DIR}/benchhost.py {shlex.join(args)}", timeout=timeout)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def systemctl(self, *args: str, timeout: float = 300, check: bool = True) -> str:
+        return self.sh("systemctl " + shlex.join(args), timeout=timeout, check=check)
+
+    def exists(self) -> bool:
+        return (
+            subprocess.run(
+                ["docker", "inspect", self.name], capture_output=True, check=False
+            ).returncode
+            == 0
+        )
+
+    def remove(self) -> None:
+        if self.exists():
+            run(["docker", "rm", "-f", self.name], timeout=120)
+        # the parent cgroups docker created for it (empty once the container is gone)
+        for ctrl in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}"):
+            try:
+                ctrl.rmdir()
+            except OSError:
+                pass
+
+    def create(self) -> None:
+        self.remove()
+        run(
+            ["docker", "run", "-d", "--name", self.name, "--hostname", self.name]
+            + DOCKER_SYSTEMD_FLAGS
+            + ["--cgroup-parent", f"/{CGROUP_PARENT}"]
+            + [IMAGE, "/lib/systemd/systemd"]
+        )
+        parent = Path("/sys/fs/cgroup/cpu") / CGROUP_PARENT / "cpu.shares"
+        if parent.exists():
+            parent.write_text(str(CPU_SHARES))
+        for _ in range(120):
+            state = run(
+                ["docker", "exec", self.name, "systemctl", "is-system-running", "--wait"],
+                check=False,
+                timeout=150,
+            ).strip()
+            if state in ("running", "degraded"):
+                return
+            time.sleep(1)
+        raise RuntimeError(f"systemd in {self.name} did not come up: {state}")
+
+    def install_tools(self) -> None:
+        """h2load (the load generator) and the host-side helpers."""
+        self.sh(
+            "command -v h2load >/dev/null || "
+            "{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive "
+            "apt-get install -y -qq --no-install-recommends nghttp2-client >/dev/null; }",
+            timeout=600,
+        )
+        self.push_helpers()
+
+    def push_helpers(self) -> None:
+        self.sh(f"mkdir -p {HOST_DIR}")
+        # the upgrade scenario's open-loop probe counts failed requests during a deploy
+        files = [*(BENCH / "hostside").glob("*.py"), ROOT / "molecule/shared/files/probe.py"]
+        for f in files:
+            run(["docker", "cp", str(f), f"{self.name}:{HOST_DIR}/{f.name}"])
+        self.sh(f"chmod -R a+rX {HOST_DIR}")
+
+    def cgroup_path(self, unit: str) -> str:
+        cg = self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
+        return f"/sys/fs/cgroup/cpu{cg}"
+
+    def cpu_values(self, unit: str) -> dict[str, str]:
+        """Effective cgroup values (cgroup v1 cpu controller) of a unit or slice."""
+        path = self.cgroup_path(unit)
+        out = self.sh(f"cat {shlex.quote(path)}/cpu.shares {shlex.quote(path)}/cpu.idle")
+        shares, idle = out.split()
+        return {"cpu.shares": shares, "cpu.idle": idle}
+
+    def journal_since(self, unit: str, since_usec: int) -> list[str]:
+        out = self.sh(
+            f"journalctl --no-pager -o cat -u {shlex.quote(unit)} --since @{since_usec / 1e6:.6f}",
+            check=False,
+        )
+        return out.splitlines()
+
+    def now_usec(self) -> int:
+        return int(self.sh("date +%s%6N").strip())
+
+
+def http_status(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, urllib.error.URLError):
+        return 0
+
+
+def wait_status(url: str, want: int = 200, timeout: float = 300, interval: float = 0.05) -> float:
+    """Seconds until ``url`` answers ``want`` (raises after ``timeout``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if http_status(url, timeout=1.0) == want:
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise TimeoutError(f"{url} did not answer {want} within {timeout} s")
+
+
+@dataclass
+class LoadResult:
+    latencies_ms: list[float] = field(default_factory=list)
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    generator_lag_ms_p99: float = 0.0
+
+    def pct(self, p: float) -> float:
+        return percentile(self.latencies_ms, p)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "ok": self.ok,
+            "failed": self.failed,
+            "p50_ms": round(self.pct(50), 3),
+            "p90_ms": round(self.pct(90), 3),
+            "p99_ms": round(self.pct(99), 3),
+            "max_ms": round(max(self.latencies_ms, default=0.0), 3),
+            "generator_lag_p99_ms": round(self.generator_lag_ms_p99, 3),
+        }
+
+
+def h2load(host: Host, url: str, rate: int, seconds: float, *, weight: int = 10000) -> LoadResult:
+    """Open-loop load: h2load creates ``rate`` connections per second on a fixed timer
+    (``-r``/``--rate-period``), one request each (``-n`` = ``-c``), whether or not earlier
+    answers came back. It runs inside the host in a transient scope with a high CPU weight,
+    so the generator itself is not what gets starved. Latency of each request is counted
+    from its SCHEDULED start (slot k of the timer), not from when it was sent, so a late
+    send counts against the server too (no coordinated omission)."""
+    period_ms = 10
+    per_period = max(1, round(rate * period_ms / 1000))
+    n = int(per_period * seconds * 1000 / period_ms)
+    logf = "/tmp/bench-h2load.log"
+    host.sh(
+        f"rm -f {logf}; systemd-run --quiet --scope -p CPUWeight={weight} "
+        f"h2load --h1 -n {n} -c {n} -r {per_period} --rate-period {period_ms}ms "
+        f"--log-file {logf} {shlex.quote(url)} >/tmp/bench-h2load.out 2>&1 || true",
+        timeout=seconds + 180,
+    )
+    raw = host.sh(f"cat {logf} 2>/dev/null || true")
+    rows = []
+    for line in raw.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3:
+            rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
+    rows.sort()
+    res = LoadResult(sent=n)
+    if not rows:
+        res.failed = n
+        return res
+    # slot k of the timer starts at t0 + (k // per_period) * period; t0 = the earliest
+    # start any request could have had (the smallest start - its slot offset)
+    offsets = [r[0] - (k // per_period) * period_ms * 1000 for k, r in enumerate(rows)]
+    t0 = min(offsets)
+    lags = []
+    for k, (start, status, dur) in enumerate(rows):
+        scheduled = t0 + (k // per_period) * period_ms * 1000
+        lags.append((start - scheduled) / 1000)
+        res.latencies_ms.append((start + dur - scheduled) / 1000)
+        if 200 <= status < 300:
+            res.ok += 1
+    res.failed = n - res.ok
+    res.generator_lag_ms_p99 = percentile(lags, 99)
+    return res
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    tmp.replace(path)

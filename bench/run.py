@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""Benchmarks of the bundle's design against the naive (seed article) design.
+
+    .venv/bin/python bench/run.py              everything (~20 min), then docs/benchmarks.md
+    .venv/bin/python bench/run.py --smoke      one short repetition of each (make bench-smoke)
+    .venv/bin/python bench/run.py --only P1,P5 --keep    some benchmarks; keep the host
+
+One systemd container (xagent-bench, host networking, ports 38000/38001/38002 web,
+36379 redis, 35432 postgresql, 38099 model origin) gets the bundle through
+playbooks/site.yml; the naive design runs in the same host from the same release, so both
+designs meet the same kernel, CPUs and background load, alternating within each
+repetition. Results: bench/results/<smoke|full>.json; docs/benchmarks.md and its plots are
+rendered from the full results (bench/report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import lib
+from lib import BENCH, ORIGIN_PORT, ROOT, STATE, Host, log, write_json
+
+ALL = ["P4", "P1", "P2", "P3", "P5", "P6"]
+
+
+def make_model(size: int) -> dict[str, Any]:
+    """A generated model file (random bytes) of ``size`` bytes, reused while it fits."""
+    meta_path = STATE / "model.json"
+    model = STATE / "models" / "bench-model.bin"
+    if meta_path.exists() and model.exists() and model.stat().st_size == size:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("size") == size:
+            return dict(meta)
+    model.parent.mkdir(parents=True, exist_ok=True)
+    log(f"generating a {size / 1e6:.0f} MB model")
+    digest = hashlib.sha256()
+    with model.open("wb") as fh:
+        left = size
+        while left > 0:
+            chunk = os.urandom(min(left, 8 << 20))
+            fh.write(chunk)
+            digest.update(chunk)
+            left -= len(chunk)
+    meta = {"name": model.name, "size": size, "sha256": digest.hexdigest()}
+    meta_path.write_text(json.dumps(meta))
+    return meta
+
+
+class Origin:
+    """bench/origin.py on loopback, a child of this process."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "origin.py"), "--dir", str(STATE / "models"),
+             "--port", str(ORIGIN_PORT)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(100):
+            if lib.http_status(f"http://127.0.0.1:{ORIGIN_PORT}/_stats") == 200:
+                return
+            time.sleep(0.1)
+        raise RuntimeError("model origin did not start")
+
+    def call(self, path: str, method: str = "GET") -> dict[str, Any]:
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{ORIGIN_PORT}{path}", method=method)
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return dict(json.loads(resp.read()))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+def ansible_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["BENCH_STATE"] = str(STATE)
+    env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
+    env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env['PATH']}"
+    return env
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "kernel": os.uname().release,
+        "cpu": next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "?",
+        ),
+        "mem_gb": round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024, 1),
+        "loadavg_start": lib.loadavg(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="one short repetition of each")
+    parser.add_argument("--only", default=",".join(ALL), help="comma-separated, e.g. P1,P5")
+    parser.add_argument("--keep", action="store_true", help="keep the host container")
+    parser.add_argument("--reuse", action="store_true", help="reuse a running host (no P4)")
+    parser.add_argument("--no-report", action="store_true")
+    args = parser.parse_args()
+    only = [x.strip().upper() for x in args.only.split(",") if x.strip()]
+    smoke = args.smoke
+    started = time.monotonic()
+    out_path = BENCH / "results" / ("smoke.json" if smoke else "full.json")
+    results: dict[str, Any] = {
+        "mode": "smoke" if smoke else "full",
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "machine": machine(),
+        "commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip(),  # fmt: skip
+    }
+    model_size = 16_000_000 if smoke else 500_000_000
+    model = make_model(model_size)
+    origin = Origin()
+    origin.start()
+    host = Host()
+    try:
+        import benchmarks
+
+        ctx = benchmarks.Context(
+            host=host, origin=origin, model=model, smoke=smoke, env=ansible_env(), results=results
+        )
+        if args.reuse and host.exists():
+            host.push_helpers()
+        else:
+            benchmarks.p4_first_converge(ctx)
+        host.install_tools()
+        for name in [n for n in ALL if n in only]:
+            t = time.monotonic()
+            log(f"=== {name}")
+            results[name] = getattr(benchmarks, f"run_{name.lower()}")(ctx)
+            results[name]["bench_seconds"] = round(time.monotonic() - t, 1)
+            write_json(out_path, results)
+    finally:
+        origin.stop()
+        if not args.keep:
+            host.remove()
+    results["machine"]["loadavg_end"] = lib.loadavg()
+    results["total_seconds"] = round(time.monotonic() - started, 1)
+    write_json(out_path, results)
+    log(f"results: {out_path} ({results['total_seconds']:.0f} s)")
+    if not args.no_report:
+        import report
+
+        report.render(results, smoke=smoke)
+
+
+if __name__ == "__main__":
+    main()
