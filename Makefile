@@ -1,7 +1,8 @@
 # xagent deployment bundle: developer and CI entry points.
 #
 #   make demo       one systemd container with the whole stack, on a fresh Debian 12
-#   make test       lint + app tests + every Molecule scenario
+#   make test       lint + app tests + every Molecule scenario + bench smoke
+#   make bench      the benchmarks (bundle vs naive design), ~20 min: docs/benchmarks.md
 #
 # Tooling lives in ./.venv (requirements-dev.txt); the targets use it directly,
 # no activation needed. System packages and dockerd: `make host` (root).
@@ -36,7 +37,8 @@ VENV_STAMP    := $(VENV)/.xagent-venv-stamp
 APP_PYPROJECT := $(wildcard app/pyproject.toml)
 APP_LOCK      := $(wildcard app/requirements.lock)
 
-.PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images
+.PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images \
+	bench bench-smoke
 
 help:
 	@echo "make host          install docker.io, debootstrap, redis, postgresql; start dockerd (root)"
@@ -45,7 +47,9 @@ help:
 	@echo "make lint          yamllint, ansible-lint (production), shellcheck, ruff, mypy"
 	@echo "make test-app      app service checks + pytest"
 	@echo "make test-molecule every Molecule scenario: $(SCENARIOS)"
-	@echo "make test          lint + test-app + test-molecule"
+	@echo "make test          lint + test-app + test-molecule + bench-smoke"
+	@echo "make bench         benchmarks, bundle vs naive design (~20 min): docs/benchmarks.md"
+	@echo "make bench-smoke   one short repetition of every benchmark (harness check, no report)"
 	@echo "make demo          systemd container '$(DEMO_NAME)' running the stack, $(DEMO_URL)"
 	@echo "make demo-down     remove the demo container"
 
@@ -77,8 +81,8 @@ lint: venv
 	run $(BIN)/yamllint .; \
 	run $(BIN)/ansible-lint; \
 	run shellcheck -S warning $$(git ls-files '*.sh' .ci/run .ci/host-setup); \
-	run $(BIN)/ruff check app molecule; \
-	run $(BIN)/ruff format --check app molecule; \
+	run $(BIN)/ruff check app molecule bench; \
+	run $(BIN)/ruff format --check app molecule bench; \
 	run bash -c "cd app && exec $(BIN)/mypy"; \
 	if [ $${#failed[@]} -gt 0 ]; then printf 'lint FAILED: %s\n' "$${failed[@]}"; exit 1; fi; \
 	echo "lint: all passed"
@@ -102,9 +106,25 @@ test-molecule: venv images
 # All three run even when one fails, so one CI run reports everything.
 test: host
 	@failed=(); \
-	for t in lint test-app test-molecule; do $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
+	for t in lint test-app test-molecule bench-smoke; do $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
 	if [ $${#failed[@]} -gt 0 ]; then echo "make test FAILED: $${failed[*]}"; exit 1; fi; \
 	echo "make test: all passed"
+
+# ---- benchmarks ---------------------------------------------------------------------
+# One systemd container (xagent-bench, ports 38000-38002/36379/35432/38099), removed at
+# the end. bench-smoke runs everything once, briefly, and fails when the harness breaks;
+# it never judges the numbers (no timed assertions).
+
+BENCH_STAMP := $(VENV)/.xagent-bench-stamp
+$(BENCH_STAMP): bench/requirements.txt $(VENV_STAMP)
+	$(BIN)/python -m pip install -q -r bench/requirements.txt
+	@touch $@
+
+bench: venv images $(BENCH_STAMP)
+	$(BIN)/python bench/run.py
+
+bench-smoke: venv images $(BENCH_STAMP)
+	$(BIN)/python bench/run.py --smoke
 
 # ---- demo -------------------------------------------------------------------------
 
