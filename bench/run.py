@@ -113,6 +113,53 @@ def machine() -> dict[str, Any]:
     }
 
 
+def validate(results: dict[str, Any], only: list[str]) -> list[str]:
+    """What a smoke run must have produced: the harness works end to end. Numbers are not
+    judged (no timed assertions), only that each benchmark measured something real."""
+    problems: list[str] = []
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            problems.append(what)
+
+    if "P4" in only:
+        p4 = results.get("P4", {})
+        for k in ("first_converge", "rerun", "new_release", "new_release_probe", "naive_restart_probe"):
+            need(k in p4, f"P4: no {k}")
+        need(p4.get("new_release_probe", {}).get("sent", 0) > 0, "P4: the probe sent nothing")
+    if "P1" in only:
+        for r in results.get("P1", {}).get("reps", [{}]):
+            for k in ("bundle_idle", "bundle_loaded", "equal_loaded", "naive_idle",
+                      "naive_async_loaded", "naive_sync_loaded"):  # fmt: skip
+                x = r.get(k, {})
+                need(x.get("ok", 0) >= 0.9 * max(x.get("sent", 1), 1), f"P1 {k}: answers {x}")
+                if k.endswith("_loaded"):
+                    need(x.get("tasks_per_s", 0) > 0, f"P1 {k}: no task finished")
+    if "P2" in only:
+        size = results.get("P2", {}).get("params", {}).get("model_bytes", 1)
+        for r in results.get("P2", {}).get("reps", [{}]):
+            b, n = r.get("bundle", {}), r.get("naive", {})
+            need(b.get("ready_s") is not None, "P2: the bundle never got ready")
+            need(b.get("bytes", 0) >= size, f"P2: bundle fetched {b.get('bytes')} bytes")
+            need(n.get("bytes", 0) >= size, f"P2: naive fetched {n.get('bytes')} bytes")
+            need("naive_seed" in results["P2"]["reps"][0], "P2: no seed-timing run")
+    if "P3" in only:
+        med = results.get("P3", {}).get("median", {})
+        need(med.get("bundle_restart_s", 0) > 0 and med.get("bare_boot_s", 0) > 0, f"P3: {med}")
+    if "P5" in only:
+        p5 = results.get("P5", {})
+        n = p5.get("params", {}).get("latency_tasks", -1)
+        need(p5.get("bundle_latency", {}).get("completed") == n, "P5: bundle tasks missing")
+        need(p5.get("naive_latency", {}).get("completed") == n, "P5: naive tasks missing")
+        need(sorted(p5.get("bundle_throughput", {})) == ["1", "2", "4"], "P5: throughput runs")
+    if "P6" in only:
+        for design in ("bundle", "naive"):
+            for n_workers in ("1", "2", "4"):
+                x = results.get("P6", {}).get(design, {}).get(n_workers, {})
+                need(x.get("total", {}).get("Pss", 0) > 0, f"P6 {design} N={n_workers}: no PSS")
+    return problems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one short repetition of each")
@@ -169,7 +216,14 @@ def main() -> None:
     if not args.no_report:
         import report
 
-        report.render(results, smoke=smoke)
+        log(f"report: {report.render(results, smoke=smoke)}")
+    if smoke:
+        problems = validate(results, only)
+        if problems:
+            for p in problems:
+                log(f"SMOKE FAILED: {p}")
+            sys.exit(1)
+        log("smoke: every benchmark measured, report rendered")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,537 @@
+"""Render the benchmark results: docs/benchmarks.md, its plots (docs/bench/*.png) and the
+headline block of README.md. A smoke run renders into bench/.state/smoke-report/ instead.
+
+    .venv/bin/python bench/report.py [bench/results/full.json]
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lib import CPU_SHARES, ROOT, STATE, median  # noqa: E402
+
+MB = 1e6
+README_START = "<!-- bench:start (rendered by bench/report.py from bench/results/full.json) -->"
+README_END = "<!-- bench:end -->"
+
+
+def fmt(x: Any, nd: int = 1) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def la(x: list[float] | None) -> str:
+    return " / ".join(f"{v:.1f}" for v in x) if x else "-"
+
+
+def table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# --- plots ----------------------------------------------------------------------------
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_p1(p1: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    conds = [
+        ("bundle_idle", "bundle\nidle"),
+        ("bundle_loaded", "bundle\nloaded"),
+        ("cgroup2_loaded", "bundle loaded\n+cpu.idle"),
+        ("equal_loaded", "equal weights\nloaded"),
+        ("naive_idle", "naive\nidle"),
+        ("naive_async_loaded", "naive loaded\nasync tasks"),
+        ("naive_sync_loaded", "naive loaded\nsync tasks"),
+    ]
+    conds = [c for c in conds if all(c[0] in r for r in p1["reps"])]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    xs = range(len(conds))
+    for i, (pct, color) in enumerate((("p50_ms", "#4c72b0"), ("p99_ms", "#dd8452"))):
+        vals = [median([r[c][pct] for r in p1["reps"]]) for c, _ in conds]
+        bars = ax.bar([x + (i - 0.5) * 0.38 for x in xs], vals, 0.38, label=pct[:3], color=color)
+        for b, v in zip(bars, vals, strict=True):
+            ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
+                        ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), [label for _, label in conds], fontsize=8)
+    ax.set_ylabel("latency from scheduled send, ms (log)")
+    prm = p1["params"]
+    ax.set_title(
+        f"P1: GET /healthz at {prm['rate']} req/s open-loop, median of {prm['reps']} reps "
+        f"(loaded: receivers saturate every core)",
+        fontsize=9,
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(
+    path: Path, title: str, ylabel: str, labels: list[str], values: list[float | None], fmt_: str
+) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    vals = [v or 0.0 for v in values]
+    colors = ["#4c72b0" if lab.startswith("bundle") else "#c44e52" for lab in labels]
+    bars = ax.bar(labels, vals, color=colors)
+    for b, v in zip(bars, values, strict=True):
+        ax.annotate("never" if v is None else fmt_.format(v),
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    ha="center", va="bottom", fontsize=8)  # fmt: skip
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_p6(p6: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    ns = sorted(p6["bundle"], key=int)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    m = p6["params"]["model_bytes"] / MB
+    for key, color, label in (("bundle", "#4c72b0", "bundle (mmap)"), ("naive", "#c44e52", "naive (heap)")):
+        ax.plot([int(n) for n in ns], [p6[key][n]["total"]["Pss"] / MB for n in ns], "o-",
+                color=color, label=label)  # fmt: skip
+    ax.plot([int(n) for n in ns], [int(n) * m for n in ns], ":", color="grey", label="N x model")
+    ax.axhline(m, color="grey", lw=0.8, ls="--", label="1 x model")
+    ax.set_xlabel("web workers N")
+    ax.set_ylabel("PSS of the app's units, MB")
+    ax.set_xticks([int(n) for n in ns])
+    ax.set_title(f"P6: memory with a {m:.0f} MB model", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+def section_p1(p1: dict[str, Any], img: str) -> tuple[str, str]:
+    prm = p1["params"]
+    med = p1["median_p99_ratio"]
+    rows = []
+    for i, r in enumerate(p1["reps"], 1):
+        row = [
+            str(i),
+            f"{r['bundle_idle']['p50_ms']:.1f} / {r['bundle_idle']['p99_ms']:.1f}",
+            f"{r['bundle_loaded']['p50_ms']:.1f} / {r['bundle_loaded']['p99_ms']:.1f}",
+            f"**{r['bundle_loaded']['p99_ratio']:.2f}x**",
+            f"{r['cgroup2_loaded']['p99_ratio']:.2f}x" if "cgroup2_loaded" in r else "-",
+            f"{r['equal_loaded']['p99_ratio']:.2f}x",
+            f"{r['bundle_loaded']['tasks_per_s']:.0f} / {r['equal_loaded']['tasks_per_s']:.0f}"
+            f" ({r['throughput_vs_equal']:.0%})",
+            f"{r['naive_idle']['p50_ms']:.1f} / {r['naive_idle']['p99_ms']:.1f}",
+            f"{r['naive_async_loaded']['p99_ms']:.0f} ({r['naive_async_loaded']['p99_ratio']:.1f}x)",
+            f"{r['naive_sync_loaded']['p99_ms']:.0f} ({r['naive_sync_loaded']['p99_ratio']:.1f}x)",
+            la(r["loadavg_start"]),
+        ]
+        rows.append(row)
+    met = med["bundle_loaded"] <= 1.1 and med["throughput_vs_equal"] >= 0.95
+    eff = p1["effective"]
+    text = f"""## P1 web isolation
+
+`GET /healthz` at {prm["rate"]} req/s, open loop, {prm["seconds"]:g} s per window, {prm["reps"]} repetitions; each
+repetition measures, in this order: bundle idle, bundle loaded (role defaults), bundle
+loaded with equal weights, bundle loaded with `cpu.idle=1` on the receivers' slice, naive
+idle, naive loaded with async tasks, naive loaded with sync tasks. "Loaded" = a backlog of
+{prm["task_ms"]} ms `burn_cpu` tasks that keeps every receiver process busy for the whole window
+(2 receiver units x 2 processes in the bundle; in the naive design a receiver in each of
+the 2 web workers). Latency is counted from each request's scheduled send time.
+Ratios are loaded p99 / idle p99 of the same design in the same repetition.
+
+Effective cgroup values with the role defaults (cgroup v1 `cpu` controller):
+web `cpu.shares={eff["web"]["cpu.shares"]}`; receivers' slice `{eff["receiver_slice"]["name"]}`
+`cpu.shares={eff["receiver_slice"]["cpu.shares"]}` `cpu.idle={eff["receiver_slice"]["cpu.idle"]}`; each receiver
+`cpu.shares={eff["receiver"]["cpu.shares"]}`; receiver processes: {eff["receiver_policy"].split(": ")[-1]}.
+
+{
+        table(
+            [
+                "rep",
+                "bundle idle p50/p99 ms",
+                "bundle loaded p50/p99 ms",
+                "loaded/idle p99",
+                "+cpu.idle (cgroup v2)",
+                "equal weights",
+                "tasks/s defaults / equal",
+                "naive idle p50/p99 ms",
+                "naive async p99 ms",
+                "naive sync p99 ms",
+                "loadavg",
+            ],
+            rows,
+        )
+    }
+
+Medians of the ratios: bundle (role defaults) **{med["bundle_loaded"]:.2f}x**, with
+`cpu.idle=1` {med.get("cgroup2_loaded", 0):.2f}x, equal weights {med["equal_loaded"]:.2f}x; task throughput
+{med["throughput_vs_equal"]:.0%} of the equal-weight run; naive async tasks {med["naive_async_loaded"]:.1f}x, naive sync
+tasks in a thread pool {med["naive_sync_loaded"]:.1f}x.
+Goal (loaded p99 <= 1.1x idle p99, throughput >= 95% of equal weights): **{"met" if met else "not met"}**.
+
+![P1 latency]({img})
+"""
+    headline = (
+        f"P1 web isolation: loaded/idle p99 {med['bundle_loaded']:.2f}x with receivers saturating "
+        f"every core (throughput {med['throughput_vs_equal']:.0%} of equal weights) vs "
+        f"{med['naive_async_loaded']:.0f}x / {med['naive_sync_loaded']:.0f}x for the naive design (async / sync tasks)"
+    )
+    return text, headline
+
+
+def section_p2(p2: dict[str, Any], img_bytes: str, img_time: str) -> tuple[str, str]:
+    prm = p2["params"]
+    size = prm["model_bytes"]
+    rows = []
+    for i, r in enumerate(p2["reps"], 1):
+        for key, label in (
+            ("bundle", "bundle"),
+            ("naive", "naive, gunicorn 27"),
+            ("naive_seed", "naive, timeout clock from fork (gunicorn <= 21)"),
+        ):
+            if key not in r:
+                continue
+            x = r[key]
+            rows.append([
+                str(i), label,
+                "never (" + fmt(x["seconds_observed"]) + " s observed)" if x["ready_s"] is None
+                else fmt(x["ready_s"]),
+                f"{x['bytes'] / MB:.0f} MB ({x['bytes'] / size:.2f}x)",
+                str(x["downloads_started"]), str(x["workers_booted"]), str(x["worker_timeouts"]),
+                la(x["loadavg"]),
+            ])  # fmt: skip
+    text = f"""## P2 cold start with a large model
+
+A {size / MB:.0f} MB model (random bytes, sha256 pinned) served on loopback by `bench/origin.py`,
+capped at {prm["origin_mbps"]:g} MB/s in total (one uplink shared by all connections, as a real
+download would be), {prm["workers"]} web workers. Bundle: the model and its stamp are deleted, then
+`systemctl start {{app}}.target` (the boot-time bootstrap downloads once, then web starts).
+Naive: gunicorn with the naive app, whose lifespan downloads the model in every worker
+(gunicorn's default worker timeout, 30 s, as in the seed). "Timeout clock from fork"
+adds a `post_fork` heartbeat (`bench/hostside/seed_gunicorn.py`), i.e. the timing of
+gunicorn <= 21 that the seed ran into: gunicorn >= 22 does not time out a worker before its
+first heartbeat, and a uvicorn worker sends that only after its lifespan.
+
+{
+        table(
+            ["rep", "design", "first 200 on /readyz, s", "bytes fetched", "downloads started",
+             "workers booted", "WORKER TIMEOUT", "loadavg"],
+            rows,
+        )
+    }
+
+Medians: bundle ready in {fmt(p2["bundle_median_ready_s"])} s having fetched {p2["bundle_bytes_x_model"]:.2f}x the model;
+naive (gunicorn 27) ready in {fmt(p2["naive_median_ready_s"])} s having fetched {p2["naive_bytes_x_model"]:.2f}x.
+
+![P2 bytes]({img_bytes}) ![P2 time]({img_time})
+"""
+    seed = p2["reps"][0].get("naive_seed", {})
+    seed_txt = (
+        f"; with the seed's gunicorn timing: {seed.get('worker_timeouts', 0)} WORKER TIMEOUTs, "
+        + ("never ready" if seed.get("ready_s") is None else f"ready in {seed['ready_s']:.0f} s")
+        if seed
+        else ""
+    )
+    headline = (
+        f"P2 cold start ({size / MB:.0f} MB model, {prm['workers']} workers): bundle fetches "
+        f"{p2['bundle_bytes_x_model']:.2f}x the model and is ready in {fmt(p2['bundle_median_ready_s'])} s; "
+        f"naive fetches {p2['naive_bytes_x_model']:.2f}x, ready in {fmt(p2['naive_median_ready_s'])} s{seed_txt}"
+    )
+    return text, headline
+
+
+def section_p3(p3: dict[str, Any], img: str) -> tuple[str, str]:
+    med = p3["median"]
+    rows = [
+        [str(i), fmt(r["bare"]["import_s"], 2), fmt(r["bare"]["boot_s"], 2),
+         fmt(r["bundle_restart_s"], 2), f"{r['bundle_vs_bare']:.2f}x", fmt(r["naive_restart_s"], 2),
+         la(r["loadavg"])]
+        for i, r in enumerate(p3["reps"], 1)
+    ]  # fmt: skip
+    text = f"""## P3 warm restart
+
+`systemctl restart {{app}}.target` (web with {p3["params"]["web_workers"]} workers, scheduler, 2 receivers) until
+`/readyz` answers 200 from a new worker, against the app alone measured in the same
+repetition: `import xagent.main`, and one `uvicorn xagent.main:app` process from exec to
+`/readyz` 200 ("bare boot"). Naive: stopping and starting the naive gunicorn (its
+lifespan downloads the model again; origin not capped here).
+
+{
+        table(
+            ["rep", "bare import s", "bare boot s", "bundle restart s", "restart / bare boot",
+             "naive restart s", "loadavg"],
+            rows,
+        )
+    }
+
+Medians: bare import {med["bare_import_s"]:.2f} s, bare boot {med["bare_boot_s"]:.2f} s, bundle restart
+{med["bundle_restart_s"]:.2f} s (**{med["bundle_vs_bare"]:.2f}x** bare boot; goal <= 2x: **{"met" if med["bundle_vs_bare"] <= 2 else "not met"}**), naive restart
+{med["naive_restart_s"]:.2f} s.
+
+![P3 restart]({img})
+"""
+    headline = (
+        f"P3 warm restart: {med['bundle_restart_s']:.1f} s from `systemctl restart` to `/readyz` 200 = "
+        f"{med['bundle_vs_bare']:.2f}x the app's bare boot ({med['bare_boot_s']:.1f} s); naive {med['naive_restart_s']:.1f} s"
+    )
+    return text, headline
+
+
+def section_p4(p4: dict[str, Any]) -> tuple[str, str]:
+    first = p4.get("first_converge", {})
+    rerun = p4.get("rerun", {})
+    rel = p4.get("new_release", {})
+    probe = p4.get("new_release_probe", {})
+    nprobe = p4.get("naive_restart_probe", {})
+    rows = [
+        ["first converge (fresh host)", fmt(first.get("seconds")), fmt(first.get("changed")), "-", "-",
+         la(first.get("loadavg"))],
+        ["re-run, nothing to do", fmt(rerun.get("seconds")), fmt(rerun.get("changed")),
+         f"{p4.get('rerun_vs_first', 0):.0%} of the first converge", "-", la(rerun.get("loadavg"))],
+        ["new release under the probe", fmt(rel.get("seconds")), fmt(rel.get("changed")), "-",
+         f"{probe.get('failed')} failed of {probe.get('sent')} (longest gap {probe.get('longest_gap_without_success')} s,"
+         f" releases {len(probe.get('releases', []))})", la(rel.get("loadavg"))],
+        ["naive: restart gunicorn under the probe", fmt(p4.get("naive_restart_s")), "-", "-",
+         f"{nprobe.get('failed')} failed of {nprobe.get('sent')} (longest gap {nprobe.get('longest_gap_without_success')} s)",
+         "-"],
+    ]  # fmt: skip
+    text = f"""## P4 deploy
+
+`ansible-playbook -i bench/inventory playbooks/site.yml`: the first converge of a fresh host
+(packages, PostgreSQL, Redis, the release's venv from PyPI, the model), a re-run with
+nothing to change, and a new release (a copy of `app/` with another version) while
+`molecule/shared/files/probe.py` sends `GET /healthz` at 50 req/s open loop, each on a new
+connection, inside the host. Naive: the same probe while the naive gunicorn (no socket
+unit, one-time work in the lifespan) is restarted, which is its way to take a new release.
+
+{table(["step", "seconds", "changed", "vs first", "probe", "loadavg"], rows)}
+
+Goals: re-run changed=0 (**{rerun.get("changed")}**) in <= 25% of the first converge
+(**{p4.get("rerun_vs_first", 0):.0%}**); 0 failed requests during the new release (**{probe.get("failed")}**).
+"""
+    headline = (
+        f"P4 deploy: first converge {fmt(first.get('seconds'), 0)} s, re-run {fmt(rerun.get('seconds'), 0)} s "
+        f"(changed={rerun.get('changed')}, {p4.get('rerun_vs_first', 0):.0%}), new release "
+        f"{fmt(rel.get('seconds'), 0)} s with {probe.get('failed')} failed of {probe.get('sent')} requests; "
+        f"naive restart: {nprobe.get('failed')} failed"
+    )
+    return text, headline
+
+
+def section_p5(p5: dict[str, Any]) -> tuple[str, str]:
+    prm = p5["params"]
+    bl, nl = p5["bundle_latency"], p5["naive_latency"]
+    tp = p5["bundle_throughput"]
+    rows = [
+        ["bundle, 2 receiver units x 2 processes", fmt(bl["p50_ms"], 2), fmt(bl["p99_ms"], 2), "-"],
+        ["naive, a receiver in each of 2 web workers", fmt(nl["p50_ms"], 2), fmt(nl["p99_ms"], 2),
+         fmt(p5["naive_throughput"]["tasks_per_s"], 0)],
+    ] + [
+        [f"bundle, {n} receiver unit(s) x 2 processes", "-", "-", fmt(tp[n]["tasks_per_s"], 0)]
+        for n in sorted(tp, key=int)
+    ]  # fmt: skip
+    text = f"""## P5 task path
+
+Enqueue -> start: {prm["latency_tasks"]} no-op tasks (`burn_cpu(0)`) enqueued open loop at {prm["rate"]}/s on an idle
+host; each task's latency runs from its scheduled enqueue time until Redis reports its result
+key written (keyspace notification), an upper bound of enqueue -> start. Throughput:
+{prm["throughput_tasks"]} no-op tasks enqueued at once, timed until all are acked.
+
+{table(["design", "enqueue->start p50 ms", "p99 ms", "no-op tasks/s"], rows)}
+"""
+    best = max(tp.values(), key=lambda x: x["tasks_per_s"])["tasks_per_s"]
+    headline = (
+        f"P5 task path: enqueue->start p50/p99 {bl['p50_ms']:.1f}/{bl['p99_ms']:.1f} ms "
+        f"(naive {nl['p50_ms']:.1f}/{nl['p99_ms']:.1f}); no-op tasks/s with 1/2/4 receiver units "
+        + "/".join(f"{tp[n]['tasks_per_s']:.0f}" for n in sorted(tp, key=int))
+        + f" (naive {p5['naive_throughput']['tasks_per_s']:.0f}; best {best:.0f})"
+    )
+    return text, headline
+
+
+def section_p6(p6: dict[str, Any], img: str) -> tuple[str, str]:
+    m = p6["params"]["model_bytes"]
+    rows = []
+    for n in sorted(p6["bundle"], key=int):
+        b, nv = p6["bundle"][n], p6["naive"][n]
+        rows.append([
+            n,
+            f"{b['total']['Pss'] / MB:.0f} MB ({b['total']['Pss'] / m:.2f}x M)",
+            f"{b['total']['Pss_File'] / MB:.0f} / {b['total']['Pss_Anon'] / MB:.0f}",
+            str(b["processes"]),
+            f"{nv['total']['Pss'] / MB:.0f} MB ({nv['total']['Pss'] / m:.2f}x M)",
+            f"{nv['total']['Pss_File'] / MB:.0f} / {nv['total']['Pss_Anon'] / MB:.0f}",
+            str(nv["processes"]),
+        ])  # fmt: skip
+    text = f"""## P6 model memory
+
+PSS (proportional set size: a page shared by k processes counts 1/k to each) summed over
+every process of the app's units, from `/proc/<pid>/smaps_rollup` of the processes in each
+unit's cgroup; model M = {m / MB:.0f} MB. Bundle: web (N workers + master), scheduler, 2 receiver
+units x 2 processes; every process that enters the lifespan maps the model read-only
+(`MAP_SHARED|MAP_POPULATE`). Naive: the naive gunicorn (N workers + master, receivers
+inside), each worker reading the model into its heap.
+
+{
+        table(
+            ["N web workers", "bundle PSS", "bundle file / anon MB", "processes",
+             "naive PSS", "naive file / anon MB", "processes"],
+            rows,
+        )
+    }
+
+![P6 memory]({img})
+"""
+    n4 = sorted(p6["bundle"], key=int)[-1]
+    headline = (
+        f"P6 model memory ({m / MB:.0f} MB model, N={n4} workers): bundle "
+        f"{p6['bundle'][n4]['total']['Pss'] / m:.2f}x M in total, naive "
+        f"{p6['naive'][n4]['total']['Pss'] / m:.2f}x M"
+    )
+    return text, headline
+
+
+def render(results: dict[str, Any], smoke: bool = False) -> Path:
+    out_dir = STATE / "smoke-report" if smoke else ROOT / "docs"
+    img_dir = out_dir / "bench"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mach = results["machine"]
+    heads: list[str] = []
+    parts: list[str] = []
+    if "P1" in results:
+        plot_p1(results["P1"], img_dir / "p1-latency.png")
+        t, h = section_p1(results["P1"], "bench/p1-latency.png")
+        parts.append(t)
+        heads.append(h)
+    if "P2" in results:
+        p2 = results["P2"]
+        r0 = p2["reps"][0]
+        labels = ["bundle", "naive\n(gunicorn 27)"] + (["naive\n(seed timing)"] if "naive_seed" in r0 else [])
+        keys = ["bundle", "naive"] + (["naive_seed"] if "naive_seed" in r0 else [])
+        size = p2["params"]["model_bytes"]
+        plot_bars(img_dir / "p2-bytes.png", "P2: bytes fetched per cold start (x model size)",
+                  "x model size", labels, [r0[k]["bytes"] / size for k in keys], "{:.2f}x")  # fmt: skip
+        plot_bars(img_dir / "p2-ready.png", "P2: cold start to first /readyz 200",
+                  "seconds", labels, [r0[k]["ready_s"] for k in keys], "{:.1f} s")  # fmt: skip
+        t, h = section_p2(p2, "bench/p2-bytes.png", "bench/p2-ready.png")
+        parts.append(t)
+        heads.append(h)
+    if "P3" in results:
+        med = results["P3"]["median"]
+        plot_bars(
+            img_dir / "p3-restart.png", "P3: warm restart to /readyz 200 (medians)", "seconds",
+            ["bundle: bare import", "bundle: bare boot", "bundle: restart target", "naive: restart"],
+            [med["bare_import_s"], med["bare_boot_s"], med["bundle_restart_s"], med["naive_restart_s"]],
+            "{:.2f} s",
+        )  # fmt: skip
+        t, h = section_p3(results["P3"], "bench/p3-restart.png")
+        parts.append(t)
+        heads.append(h)
+    if "P4" in results:
+        t, h = section_p4(results["P4"])
+        parts.append(t)
+        heads.append(h)
+    if "P5" in results:
+        t, h = section_p5(results["P5"])
+        parts.append(t)
+        heads.append(h)
+    if "P6" in results:
+        plot_p6(results["P6"], img_dir / "p6-memory.png")
+        t, h = section_p6(results["P6"], "bench/p6-memory.png")
+        parts.append(t)
+        heads.append(h)
+    doc = f"""# Benchmarks: the bundle's design against the naive one
+
+Rendered by `bench/report.py` from `bench/results/{"smoke" if smoke else "full"}.json`, the run of
+{results["started"]} (commit {results.get("commit", "?")}, {results.get("total_seconds", 0) / 60:.1f} min).
+Every number below comes from that one run. Each benchmark measures the bundle's design and
+the naive design of the seed article on the same host in the same run, alternating, and
+reports medians and ratios; absolute times depend on the machine and its neighbours.
+
+## Headlines
+
+{chr(10).join("- " + h for h in heads)}
+
+## Machine and method
+
+- {mach["nproc"]} CPUs ({mach["cpu"]}), {mach["mem_gb"]} GB, kernel {mach["kernel"]}, cgroup v1 (hybrid);
+  load average (1/5/15 min) {la(mach["loadavg_start"])} at the start, {la(mach.get("loadavg_end"))} at the end,
+  and per measurement in the tables. Other jobs (Molecule, pytest) shared the machine.
+- The bench host is a systemd container (`xagent-testhost:bookworm`, systemd 252, the flags of
+  `make demo`) with the whole stack deployed by `playbooks/site.yml` from `bench/inventory`
+  (2 web workers, 2 receiver units x 2 processes, PostgreSQL, Redis). Its cgroup sits at the
+  machine's root with `cpu.shares={CPU_SHARES}` (`BENCH_CPU_SHARES`): when receivers keep the host
+  busy, the host as a whole otherwise queues behind the neighbours' processes, which measures
+  the neighbours, not the units.
+- The naive design (`bench/hostside/naive_app.py`) is the same release of the app started by
+  gunicorn with a lifespan that downloads the models into each worker and runs
+  `taskiq.api.run_receiver_task` and `run_scheduler_task` with `asyncio.create_task`. It runs
+  in the same host, from the same venv, as a transient unit, while the bundle's receivers and
+  scheduler are stopped.
+- Load generator: `h2load` (Debian `nghttp2-client`) inside the host, in a transient scope
+  with `CPUWeight=10000`: `h2load --h1 -n N -c N -r R --rate-period 10ms --log-file ...`, i.e.
+  R new connections every 10 ms, one request each, started by a timer whether or not earlier
+  answers came back: an open loop that keeps the offered rate when the server slows down.
+  Each request's latency is taken from its slot on that timer (scheduled time) to the end of
+  its answer, so a late send counts against the server, too.
+- Commands: `make bench` (= `make venv images`, then `.venv/bin/python bench/run.py`; writes
+  `bench/results/full.json`, this page, `docs/bench/*.png` and the README headlines), and
+  `make bench-smoke` (one short repetition of everything, part of `make test`; its report goes to
+  `bench/.state/smoke-report/`). `bench/run.py --only P1,P5 --keep` runs a subset and keeps the host.
+
+{chr(10).join(parts)}"""
+    (out_dir / "benchmarks.md").write_text(doc)
+    if not smoke:
+        update_readme(heads)
+    return out_dir / "benchmarks.md"
+
+
+def update_readme(heads: list[str]) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = (
+        f"{README_START}\n"
+        + "\n".join(f"- {h}" for h in heads)
+        + f"\n\nDetails, machine and method: [docs/benchmarks.md](docs/benchmarks.md).\n{README_END}"
+    )
+    if README_START in text:
+        text = re.sub(re.escape(README_START) + r".*?" + re.escape(README_END), lambda _: block,
+                      text, flags=re.S)  # fmt: skip
+    else:
+        anchor = "## Quick start"
+        section = f"## Benchmarks: bundle vs the naive design\n\n{block}\n\n"
+        text = text.replace(anchor, section + anchor, 1) if anchor in text else text + "\n" + section
+    readme.write_text(text)
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench" / "results" / "full.json"
+    results = json.loads(path.read_text())
+    print(render(results, smoke=results.get("mode") == "smoke"))
+
+
+if __name__ == "__main__":
+    main()
