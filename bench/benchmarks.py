@@ -101,7 +101,8 @@ def set_web_workers(host: Host, workers: int | None) -> None:
         host.sh(f"rm -f {WEB_DROPIN_DIR}/bench.conf; systemctl daemon-reload")
     else:
         host.sh(
-            f"mkdir -p {WEB_DROPIN_DIR} && printf '[Service]\\nEnvironment=GUNICORN_CMD_ARGS=--workers={workers}\\n'"
+            f"mkdir -p {WEB_DROPIN_DIR} && printf '[Service]\\n"
+            f"Environment=GUNICORN_CMD_ARGS=--workers={workers}\\n'"
             f" > {WEB_DROPIN_DIR}/bench.conf && systemctl daemon-reload"
         )
 
@@ -265,7 +266,8 @@ def bare_boot(ctx: Context) -> dict[str, Any]:
     )
     unit = "xagent-bench-bare.service"
     host.sh(
-        f"systemctl stop {unit} 2>/dev/null || true; systemctl reset-failed {unit} 2>/dev/null || true"
+        f"systemctl stop {unit} 2>/dev/null || true; "
+        f"systemctl reset-failed {unit} 2>/dev/null || true"
     )
     t0 = time.monotonic()
     host.sh(
@@ -293,9 +295,9 @@ def restart_to_ready(ctx: Context, port: int, action: Any) -> float:
     action()
     while time.monotonic() - t0 < 300:
         pid = healthz_pid(port)
-        if pid is not None and pid not in old:
-            if lib_http_status(f"http://127.0.0.1:{port}/readyz") == 200:
-                return time.monotonic() - t0
+        new = pid is not None and pid not in old
+        if new and lib_http_status(f"http://127.0.0.1:{port}/readyz") == 200:
+            return time.monotonic() - t0
         time.sleep(0.02)
     raise TimeoutError("no new process answered /readyz within 300 s")
 
@@ -351,9 +353,10 @@ def run_p3(ctx: Context) -> dict[str, Any]:
 
 def start_probe(host: Host, url: str, rate: int) -> None:
     host.sh(
-        "systemctl stop bench-probe 2>/dev/null || true; systemctl reset-failed bench-probe 2>/dev/null || true; "
-        "rm -f /tmp/bench-probe.json; "
-        f"systemd-run --quiet --unit=bench-probe -p CPUWeight=10000 /usr/bin/python3 {HOST_DIR}/probe.py "
+        "systemctl stop bench-probe 2>/dev/null || true; "
+        "systemctl reset-failed bench-probe 2>/dev/null || true; rm -f /tmp/bench-probe.json; "
+        "systemd-run --quiet --unit=bench-probe -p CPUWeight=10000 "
+        f"/usr/bin/python3 {HOST_DIR}/probe.py "
         f"--url {url} --rate {rate} --timeout 30 --out /tmp/bench-probe.json"
     )
     time.sleep(1)

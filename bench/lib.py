@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -94,18 +95,24 @@ class Host:
             run(["docker", "rm", "-f", self.name], timeout=120)
         # the parent cgroups docker created for it (empty once the container is gone)
         for ctrl in Path("/sys/fs/cgroup").glob(f"*/{CGROUP_PARENT}"):
-            try:
+            with contextlib.suppress(OSError):
                 ctrl.rmdir()
-            except OSError:
-                pass
 
     def create(self) -> None:
         self.remove()
+        name = ["--name", self.name, "--hostname", self.name]
+        parent_cg = ["--cgroup-parent", f"/{CGROUP_PARENT}"]
         run(
-            ["docker", "run", "-d", "--name", self.name, "--hostname", self.name]
-            + DOCKER_SYSTEMD_FLAGS
-            + ["--cgroup-parent", f"/{CGROUP_PARENT}"]
-            + [IMAGE, "/lib/systemd/systemd"]
+            [
+                "docker",
+                "run",
+                "-d",
+                *name,
+                *DOCKER_SYSTEMD_FLAGS,
+                *parent_cg,
+                IMAGE,
+                "/lib/systemd/systemd",
+            ]
         )
         parent = Path("/sys/fs/cgroup/cpu") / CGROUP_PARENT / "cpu.shares"
         if parent.exists():
@@ -253,7 +260,7 @@ def percentile(values: list[float], p: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)
-    k = min(len(s) - 1, max(0, int(round(p / 100 * len(s) + 0.5)) - 1))
+    k = min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))
     return s[k]
 
 

@@ -79,5 +79,6 @@ def start(
 
 def stop(host: Host) -> None:
     host.sh(
-        f"systemctl stop {UNIT} 2>/dev/null || true; systemctl reset-failed {UNIT} 2>/dev/null || true"
+        f"systemctl stop {UNIT} 2>/dev/null || true; "
+        f"systemctl reset-failed {UNIT} 2>/dev/null || true"
     )

@@ -55,7 +55,7 @@ class Origin:
             writer.close()
             return
         lines = head.decode("latin-1").split("\r\n")
-        method, target, _ = (lines[0].split(" ") + ["", "", ""])[:3]
+        method, target, _ = [*lines[0].split(" "), "", "", ""][:3]
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")

@@ -4,6 +4,9 @@ headline block of README.md. A smoke run renders into bench/.state/smoke-report/
     .venv/bin/python bench/report.py [bench/results/full.json]
 """
 
+# Markdown templates and table rows read better unwrapped.
+# ruff: noqa: E501
+
 from __future__ import annotations
 
 import json
@@ -14,7 +17,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lib import CPU_SHARES, ROOT, STATE, median  # noqa: E402
+from lib import CPU_SHARES, ROOT, STATE, median
 
 MB = 1e6
 README_START = "<!-- bench:start (rendered by bench/report.py from bench/results/full.json) -->"
@@ -35,7 +38,9 @@ def la(x: list[float] | None) -> str:
 
 def table(head: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in r) + " |" for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -111,7 +116,10 @@ def plot_p6(p6: dict[str, Any], path: Path) -> None:
     ns = sorted(p6["bundle"], key=int)
     fig, ax = plt.subplots(figsize=(7, 3.8))
     m = p6["params"]["model_bytes"] / MB
-    for key, color, label in (("bundle", "#4c72b0", "bundle (mmap)"), ("naive", "#c44e52", "naive (heap)")):
+    for key, color, label in (
+        ("bundle", "#4c72b0", "bundle (mmap)"),
+        ("naive", "#c44e52", "naive (heap)"),
+    ):
         ax.plot([int(n) for n in ns], [p6[key][n]["total"]["Pss"] / MB for n in ns], "o-",
                 color=color, label=label)  # fmt: skip
     ax.plot([int(n) for n in ns], [int(n) * m for n in ns], ":", color="grey", label="N x model")
@@ -153,7 +161,9 @@ def section_p1(p1: dict[str, Any], img: str) -> tuple[str, str]:
     eff = p1["effective"]
     text = f"""## P1 web isolation
 
-`GET /healthz` at {prm["rate"]} req/s, open loop, {prm["seconds"]:g} s per window, {prm["reps"]} repetitions; each
+`GET /healthz` at {prm["rate"]} req/s, open loop, {prm["seconds"]:g} s per window, {
+        prm["reps"]
+    } repetitions; each
 repetition measures, in this order: bundle idle, bundle loaded (role defaults), bundle
 loaded with equal weights, bundle loaded with `cpu.idle=1` on the receivers' slice, naive
 idle, naive loaded with async tasks, naive loaded with sync tasks. "Loaded" = a backlog of
@@ -164,8 +174,12 @@ Ratios are loaded p99 / idle p99 of the same design in the same repetition.
 
 Effective cgroup values with the role defaults (cgroup v1 `cpu` controller):
 web `cpu.shares={eff["web"]["cpu.shares"]}`; receivers' slice `{eff["receiver_slice"]["name"]}`
-`cpu.shares={eff["receiver_slice"]["cpu.shares"]}` `cpu.idle={eff["receiver_slice"]["cpu.idle"]}`; each receiver
-`cpu.shares={eff["receiver"]["cpu.shares"]}`; receiver processes: {eff["receiver_policy"].split(": ")[-1]}.
+`cpu.shares={eff["receiver_slice"]["cpu.shares"]}` `cpu.idle={
+        eff["receiver_slice"]["cpu.idle"]
+    }`; each receiver
+`cpu.shares={eff["receiver"]["cpu.shares"]}`; receiver processes: {
+        eff["receiver_policy"].split(": ")[-1]
+    }.
 
 {
         table(
@@ -187,10 +201,14 @@ web `cpu.shares={eff["web"]["cpu.shares"]}`; receivers' slice `{eff["receiver_sl
     }
 
 Medians of the ratios: bundle (role defaults) **{med["bundle_loaded"]:.2f}x**, with
-`cpu.idle=1` {med.get("cgroup2_loaded", 0):.2f}x, equal weights {med["equal_loaded"]:.2f}x; task throughput
-{med["throughput_vs_equal"]:.0%} of the equal-weight run; naive async tasks {med["naive_async_loaded"]:.1f}x, naive sync
+`cpu.idle=1` {med.get("cgroup2_loaded", 0):.2f}x, equal weights {
+        med["equal_loaded"]:.2f}x; task throughput
+{med["throughput_vs_equal"]:.0%} of the equal-weight run; naive async tasks {
+        med["naive_async_loaded"]:.1f}x, naive sync
 tasks in a thread pool {med["naive_sync_loaded"]:.1f}x.
-Goal (loaded p99 <= 1.1x idle p99, throughput >= 95% of equal weights): **{"met" if met else "not met"}**.
+Goal (loaded p99 <= 1.1x idle p99, throughput >= 95% of equal weights): **{
+        "met" if met else "not met"
+    }**.
 
 ![P1 latency]({img})
 """
@@ -237,14 +255,24 @@ first heartbeat, and a uvicorn worker sends that only after its lifespan.
 
 {
         table(
-            ["rep", "design", "first 200 on /readyz, s", "bytes fetched", "downloads started",
-             "workers booted", "WORKER TIMEOUT", "loadavg"],
+            [
+                "rep",
+                "design",
+                "first 200 on /readyz, s",
+                "bytes fetched",
+                "downloads started",
+                "workers booted",
+                "WORKER TIMEOUT",
+                "loadavg",
+            ],
             rows,
         )
     }
 
-Medians: bundle ready in {fmt(p2["bundle_median_ready_s"])} s having fetched {p2["bundle_bytes_x_model"]:.2f}x the model;
-naive (gunicorn 27) ready in {fmt(p2["naive_median_ready_s"])} s having fetched {p2["naive_bytes_x_model"]:.2f}x.
+Medians: bundle ready in {fmt(p2["bundle_median_ready_s"])} s having fetched {
+        p2["bundle_bytes_x_model"]:.2f}x the model;
+naive (gunicorn 27) ready in {fmt(p2["naive_median_ready_s"])} s having fetched {
+        p2["naive_bytes_x_model"]:.2f}x.
 
 ![P2 bytes]({img_bytes}) ![P2 time]({img_time})
 """
@@ -273,7 +301,9 @@ def section_p3(p3: dict[str, Any], img: str) -> tuple[str, str]:
     ]  # fmt: skip
     text = f"""## P3 warm restart
 
-`systemctl restart {{app}}.target` (web with {p3["params"]["web_workers"]} workers, scheduler, 2 receivers) until
+`systemctl restart {{app}}.target` (web with {
+        p3["params"]["web_workers"]
+    } workers, scheduler, 2 receivers) until
 `/readyz` answers 200 from a new worker, against the app alone measured in the same
 repetition: `import xagent.main`, and one `uvicorn xagent.main:app` process from exec to
 `/readyz` 200 ("bare boot"). Naive: stopping and starting the naive gunicorn (its
@@ -281,14 +311,24 @@ lifespan downloads the model again; origin not capped here).
 
 {
         table(
-            ["rep", "bare import s", "bare boot s", "bundle restart s", "restart / bare boot",
-             "naive restart s", "loadavg"],
+            [
+                "rep",
+                "bare import s",
+                "bare boot s",
+                "bundle restart s",
+                "restart / bare boot",
+                "naive restart s",
+                "loadavg",
+            ],
             rows,
         )
     }
 
-Medians: bare import {med["bare_import_s"]:.2f} s, bare boot {med["bare_boot_s"]:.2f} s, bundle restart
-{med["bundle_restart_s"]:.2f} s (**{med["bundle_vs_bare"]:.2f}x** bare boot; goal <= 2x: **{"met" if med["bundle_vs_bare"] <= 2 else "not met"}**), naive restart
+Medians: bare import {med["bare_import_s"]:.2f} s, bare boot {
+        med["bare_boot_s"]:.2f} s, bundle restart
+{med["bundle_restart_s"]:.2f} s (**{med["bundle_vs_bare"]:.2f}x** bare boot; goal <= 2x: **{
+        "met" if med["bundle_vs_bare"] <= 2 else "not met"
+    }**), naive restart
 {med["naive_restart_s"]:.2f} s.
 
 ![P3 restart]({img})
@@ -397,8 +437,15 @@ inside), each worker reading the model into its heap.
 
 {
         table(
-            ["N web workers", "bundle PSS", "bundle file / anon MB", "processes",
-             "naive PSS", "naive file / anon MB", "processes"],
+            [
+                "N web workers",
+                "bundle PSS",
+                "bundle file / anon MB",
+                "processes",
+                "naive PSS",
+                "naive file / anon MB",
+                "processes",
+            ],
             rows,
         )
     }
@@ -429,7 +476,9 @@ def render(results: dict[str, Any], smoke: bool = False) -> Path:
     if "P2" in results:
         p2 = results["P2"]
         r0 = p2["reps"][0]
-        labels = ["bundle", "naive\n(gunicorn 27)"] + (["naive\n(seed timing)"] if "naive_seed" in r0 else [])
+        labels = ["bundle", "naive\n(gunicorn 27)"] + (
+            ["naive\n(seed timing)"] if "naive_seed" in r0 else []
+        )
         keys = ["bundle", "naive"] + (["naive_seed"] if "naive_seed" in r0 else [])
         size = p2["params"]["model_bytes"]
         plot_bars(img_dir / "p2-bytes.png", "P2: bytes fetched per cold start (x model size)",
@@ -523,7 +572,9 @@ def update_readme(heads: list[str]) -> None:
     else:
         anchor = "## Quick start"
         section = f"## Benchmarks: bundle vs the naive design\n\n{block}\n\n"
-        text = text.replace(anchor, section + anchor, 1) if anchor in text else text + "\n" + section
+        text = (
+            text.replace(anchor, section + anchor, 1) if anchor in text else text + "\n" + section
+        )
     readme.write_text(text)
 
 

@@ -124,7 +124,13 @@ def validate(results: dict[str, Any], only: list[str]) -> list[str]:
 
     if "P4" in only:
         p4 = results.get("P4", {})
-        for k in ("first_converge", "rerun", "new_release", "new_release_probe", "naive_restart_probe"):
+        for k in (
+            "first_converge",
+            "rerun",
+            "new_release",
+            "new_release_probe",
+            "naive_restart_probe",
+        ):
             need(k in p4, f"P4: no {k}")
         need(p4.get("new_release_probe", {}).get("sent", 0) > 0, "P4: the probe sent nothing")
     if "P1" in only:
@@ -181,7 +187,7 @@ def main() -> None:
             capture_output=True,
             text=True,
             check=False,
-        ).stdout.strip(),  # fmt: skip
+        ).stdout.strip(),
     }
     model_size = 16_000_000 if smoke else 500_000_000
     model = make_model(model_size)
