@@ -157,6 +157,11 @@ class Host:
         shares, idle = out.split()
         return {"cpu.shares": shares, "cpu.idle": idle}
 
+    def cpu_seconds(self, unit: str) -> float:
+        """CPU time used so far by every process of a unit or slice (cpuacct)."""
+        cg = self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
+        return int(self.sh(f"cat '/sys/fs/cgroup/cpuacct{cg}/cpuacct.usage'").strip()) / 1e9
+
     def journal_since(self, unit: str, since_usec: int) -> list[str]:
         out = self.sh(
             f"journalctl --no-pager -o cat -u {shlex.quote(unit)} --since @{since_usec / 1e6:.6f}",

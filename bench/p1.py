@@ -15,15 +15,19 @@ DROPIN = "bench-p1.conf"
 # Receiver CPU settings compared in one run. "defaults": what the roles deploy.
 # "equal": receivers and their slice at the web's weight, normal scheduling: the
 # reference for task throughput.
-# "cgroup2": the role defaults plus cpu.idle=1 on the slice, which is what
-# CPUWeight=idle means on a cgroup v2 host; systemd 252 on this cgroup v1 machine
-# writes the minimum cpu.shares (2) instead, so the harness writes cpu.idle itself.
+# "previous": the role defaults before P1 (web 100, receivers 20 in a slice left at
+# the default weight 100, normal scheduling), to show what the change bought.
 VARIANTS: dict[str, dict[str, str]] = {
     "equal": {
         "service": "[Service]\nCPUWeight=100\nCPUSchedulingPolicy=other\n",
         "slice": "[Slice]\nCPUWeight=100\n",
+        "cpu_idle": "0",
     },
-    "cgroup2": {"cpu_idle": "1"},
+    "previous": {
+        "service": "[Service]\nCPUWeight=20\nCPUSchedulingPolicy=other\n",
+        "slice": "[Slice]\nCPUWeight=100\n",
+        "cpu_idle": "0",
+    },
 }
 
 
@@ -43,9 +47,10 @@ def apply_variant(host: Host, variant: str | None) -> None:
             if spec.get(key):
                 script += f" mkdir -p '{d}' && printf '%s' '{spec[key]}' > '{d}/{DROPIN}';"
     host.sh(script + " systemctl daemon-reload")
-    cpu_idle = VARIANTS[variant].get("cpu_idle", "0") if variant else "0"
-    host.sh(f"echo {cpu_idle} > '{host.cgroup_path(slc)}/cpu.idle'")
     restart_receivers(host)
+    # after the restart: the receiver unit's ExecStartPre sets cpu.idle=1 (cgroup v1)
+    if variant is not None and "cpu_idle" in VARIANTS[variant]:
+        host.sh(f"echo {VARIANTS[variant]['cpu_idle']} > '{host.cgroup_path(slc)}/cpu.idle'")
 
 
 def restart_receivers(host: Host, action: str = "restart", timeout: float = 90) -> None:
@@ -65,21 +70,38 @@ def restart_receivers(host: Host, action: str = "restart", timeout: float = 90) 
 
 
 def loaded_run(
-    host: Host, url: str, rate: int, seconds: float, task: str, ms: int
+    host: Host,
+    url: str,
+    rate: int,
+    seconds: float,
+    task: str,
+    ms: int,
+    cpu_unit: str,
+    concurrency: int,
 ) -> dict[str, Any]:
     """Enqueue a backlog that keeps every receiver busy past the window, measure the web
-    under it, count the tasks acked during the window, then discard the rest."""
-    backlog = int(2 * (seconds + 10) * 1000 / ms * 1.2)
+    under it, count the tasks acked and the CPU time the receivers got during the window
+    (``cpu_unit``: their slice, or the naive unit), then discard the rest.
+
+    burn_cpu(ms) runs for ``ms`` of WALL time, so tasks/s counts preempted tasks as done;
+    the receivers' CPU time is the work they really did (task-equivalents = CPU s / ms).
+    For the same reason the backlog is sized by how many tasks run at once
+    (``concurrency``: processes, or threads of the naive design's pools)."""
+    backlog = int(concurrency * (seconds + 5) * 1000 / ms * 1.2)
     host.helper("enqueue", "--n", str(backlog), "--ms", str(ms), "--task", task)
     time.sleep(2.0)  # every receiver process busy
     before = host.helper("progress")
+    cpu0 = host.cpu_seconds(cpu_unit)
     t0 = time.monotonic()
     res = h2load(host, url, rate, seconds)
     elapsed = time.monotonic() - t0
+    cpu1 = host.cpu_seconds(cpu_unit)
     after = host.helper("progress")
     host.helper("purge")
     out = res.summary()
     out["tasks_per_s"] = round((after["acked"] - before["acked"]) / elapsed, 1)
+    out["worker_cpu_cores"] = round((cpu1 - cpu0) / elapsed, 3)
+    out["task_equiv_per_s"] = round((cpu1 - cpu0) / elapsed / (ms / 1000), 1)
     out["backlog_left"] = after["lag"] + after["pending"]
     return out
 
@@ -109,13 +131,13 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
         log(f"P1 rep {rep + 1}/{reps}: bundle idle")
         r["bundle_idle"] = idle_run(host, web, rate, seconds)
         log(f"P1 rep {rep + 1}: bundle loaded (role defaults)")
-        r["bundle_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms)
+        r["bundle_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms, slc, 4)
         log(f"P1 rep {rep + 1}: bundle loaded, equal weights")
         apply_variant(host, "equal")
-        r["equal_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms)
-        log(f"P1 rep {rep + 1}: bundle loaded, role defaults + cpu.idle=1 (cgroup v2)")
-        apply_variant(host, "cgroup2")
-        r["cgroup2_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms)
+        r["equal_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms, slc, 4)
+        log(f"P1 rep {rep + 1}: bundle loaded, the previous role defaults")
+        apply_variant(host, "previous")
+        r["previous_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms, slc, 4)
         apply_variant(host, None)
         # the naive design: receivers and scheduler inside the web workers
         host.systemctl("stop", f"{APP}-scheduler.service", *RECEIVERS)
@@ -125,26 +147,27 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
             r["naive_idle"] = idle_run(host, naive_url, rate, seconds)
             log(f"P1 rep {rep + 1}: naive loaded, async tasks in the web loop")
             r["naive_async_loaded"] = loaded_run(
-                host, naive_url, rate, seconds, "xagent.burn_cpu", ms
+                host, naive_url, rate, seconds, "xagent.burn_cpu", ms, naive.UNIT, 2
             )
             log(f"P1 rep {rep + 1}: naive loaded, sync tasks in a thread pool")
             r["naive_sync_loaded"] = loaded_run(
-                host, naive_url, rate, seconds, "bench.burn_cpu_sync", ms
+                host, naive_url, rate, seconds, "bench.burn_cpu_sync", ms, naive.UNIT, 12
             )
         finally:
             naive.stop(host)
             host.systemctl("start", f"{APP}-scheduler.service")
             restart_receivers(host, "start")
         r["loadavg_end"] = loadavg()
-        for k in ("bundle_loaded", "equal_loaded", "cgroup2_loaded"):
+        for k in ("bundle_loaded", "equal_loaded", "previous_loaded"):
             r[k]["p99_ratio"] = round(r[k]["p99_ms"] / r["bundle_idle"]["p99_ms"], 3)
             r[k]["p50_ratio"] = round(r[k]["p50_ms"] / r["bundle_idle"]["p50_ms"], 3)
         for k in ("naive_async_loaded", "naive_sync_loaded"):
             r[k]["p99_ratio"] = round(r[k]["p99_ms"] / r["naive_idle"]["p99_ms"], 3)
             r[k]["p50_ratio"] = round(r[k]["p50_ms"] / r["naive_idle"]["p50_ms"], 3)
-        r["throughput_vs_equal"] = round(
-            r["bundle_loaded"]["tasks_per_s"] / max(r["equal_loaded"]["tasks_per_s"], 1e-9), 3
-        )
+        # the work receivers got done: their CPU time, against the equal-weight run
+        eq = max(r["equal_loaded"]["worker_cpu_cores"], 1e-9)
+        r["throughput_vs_equal"] = round(r["bundle_loaded"]["worker_cpu_cores"] / eq, 3)
+        r["previous_throughput_vs_equal"] = round(r["previous_loaded"]["worker_cpu_cores"] / eq, 3)
         log(
             "P1 rep {}: p99 idle {:.1f} ms, loaded {:.2f}x (equal {:.2f}x), throughput "
             "{:.0%} of equal; naive async {:.1f}x, sync {:.1f}x".format(
@@ -163,7 +186,7 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
         for k in (
             "bundle_loaded",
             "equal_loaded",
-            "cgroup2_loaded",
+            "previous_loaded",
             "naive_async_loaded",
             "naive_sync_loaded",
         )
