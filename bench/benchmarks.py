@@ -82,7 +82,7 @@ def p4_first_converge(ctx: Context) -> None:
 def run_p1(ctx: Context) -> dict[str, Any]:
     if ctx.smoke:
         return p1.run_p1(ctx.host, reps=1, seconds=3, rate=100, ms=20)
-    return p1.run_p1(ctx.host, reps=3, seconds=10, rate=200, ms=20)
+    return p1.run_p1(ctx.host, reps=3, seconds=8, rate=200, ms=20)
 
 
 # --- shared helpers -----------------------------------------------------------------
@@ -212,7 +212,7 @@ def p2_naive(ctx: Context, workers: int, limit: float, seed_timing: bool) -> dic
 def run_p2(ctx: Context) -> dict[str, Any]:
     workers = 4
     size = ctx.model["size"]
-    mbps = 200.0 if ctx.smoke else 40.0
+    mbps = 200.0 if ctx.smoke else 50.0
     reps = 1 if ctx.smoke else 2
     one = size / (mbps * 1e6)
     ctx.origin.call(f"/_rate?mbps={mbps}", "POST")
@@ -231,7 +231,7 @@ def run_p2(ctx: Context) -> dict[str, Any]:
             if rep == 0:
                 log(f"P2 rep {rep + 1}: naive cold start, timeout clock from fork (gunicorn <= 21)")
                 r["naive_seed"] = p2_naive(
-                    ctx, workers, limit=max(one * workers * 1.5, 45), seed_timing=True
+                    ctx, workers, limit=max(one * workers * 1.5, 40), seed_timing=True
                 )
             start_bundle_workers(ctx.host)
             for k, v in r.items():
@@ -302,19 +302,54 @@ def restart_to_ready(ctx: Context, port: int, action: Any) -> float:
     raise TimeoutError("no new process answered /readyz within 300 s")
 
 
+def web_phases(host: Host, since_usec: int) -> dict[str, float]:
+    """Where a web restart's time went, from the unit's journal: the old web's stop
+    (drain + graceful shutdown), the new master's start (READY=1), then the first worker's
+    lifespan done ("Application startup complete")."""
+    out = host.sh(
+        f"journalctl --no-pager -o short-unix -u {WEB_UNIT} --since @{since_usec / 1e6:.6f}",
+        check=False,
+    )
+    marks: dict[str, float] = {}
+    for line in out.splitlines():
+        ts = float(line.split(" ", 1)[0]) if line[:1].isdigit() else None
+        if ts is None:
+            continue
+        for key, needle in (
+            ("stopping", "Stopping "),
+            ("stopped", "Stopped "),
+            ("started", "Started "),
+            ("worker_ready", "Application startup complete"),
+        ):
+            if needle in line and key not in marks:
+                marks[key] = ts
+    t0 = since_usec / 1e6
+    phases = {}
+    if {"stopping", "stopped"} <= marks.keys():
+        phases["issue_to_stopping_s"] = round(marks["stopping"] - t0, 3)
+        phases["stop_s"] = round(marks["stopped"] - marks["stopping"], 3)
+    if {"stopped", "started"} <= marks.keys():
+        phases["master_start_s"] = round(marks["started"] - marks["stopped"], 3)
+    if {"started", "worker_ready"} <= marks.keys():
+        phases["worker_boot_s"] = round(marks["worker_ready"] - marks["started"], 3)
+    return phases
+
+
 def run_p3(ctx: Context) -> dict[str, Any]:
     host = ctx.host
-    reps = 1 if ctx.smoke else 5
+    reps = 1 if ctx.smoke else 4
     out: dict[str, Any] = {"params": {"reps": reps, "web_workers": 2}, "reps": []}
     for rep in range(reps):
         r: dict[str, Any] = {"loadavg": loadavg()}
         r["bare"] = bare_boot(ctx)
+        since = host.now_usec()
         r["bundle_restart_s"] = round(
             restart_to_ready(
                 ctx, WEB_PORT, lambda: host.systemctl("restart", "--no-block", TARGET)
             ),
             3,
         )
+        r["bundle_phases"] = web_phases(host, since)
         # let the receivers finish starting before the next measurement
         wait_status(f"http://127.0.0.1:{WEB_PORT}/readyz", timeout=60)
         time.sleep(3)
@@ -391,9 +426,10 @@ def new_release_source(ctx: Context) -> str:
 def run_p4(ctx: Context) -> dict[str, Any]:
     host = ctx.host
     out: dict[str, Any] = dict(ctx.p4)
-    log("P4: idempotent re-run")
-    out["rerun"] = playbook(ctx)
-    log(f"P4 rerun: {out['rerun']}")
+    if not ctx.smoke:  # the same code path as the first converge: the smoke skips it
+        log("P4: idempotent re-run")
+        out["rerun"] = playbook(ctx)
+        log(f"P4 rerun: {out['rerun']}")
     src = new_release_source(ctx)
     rate = 50
     start_probe(host, f"http://127.0.0.1:{WEB_PORT}/healthz", rate)
@@ -419,7 +455,7 @@ def run_p4(ctx: Context) -> dict[str, Any]:
     start_bundle_workers(host)
     log(f"P4 naive restart: {out['naive_restart_probe']}")
     first = out.get("first_converge", {}).get("seconds")
-    if first:
+    if first and "rerun" in out:
         out["rerun_vs_first"] = round(out["rerun"]["seconds"] / first, 3)
     return out
 
@@ -488,13 +524,15 @@ def run_p6(ctx: Context) -> dict[str, Any]:
     units = [WEB_UNIT, SCHEDULER_UNIT, *p1.RECEIVERS]
     out: dict[str, Any] = {"params": {"model_bytes": ctx.model["size"]}, "bundle": {}, "naive": {}}
     try:
-        for n in (1, 2, 4):
+        for n in (1, 2) if ctx.smoke else (1, 2, 4):
             set_web_workers(host, n)
             host.systemctl("restart", WEB_UNIT)
             wait_status(f"http://127.0.0.1:{WEB_PORT}/readyz", timeout=120)
             wait_workers(host, n)
             time.sleep(2)
-            out["bundle"][str(n)] = host.helper("pss", "--units", " ".join(units))
+            out["bundle"][str(n)] = host.helper(
+                "pss", "--units", " ".join(units), "--model", ctx.model["name"]
+            )
             stop_bundle_workers(host)
             naive.start(host, workers=n, files=[model_path])
             wait_workers(host, n, naive.UNIT)

@@ -142,16 +142,18 @@ def section_p1(p1: dict[str, Any], img: str) -> tuple[str, str]:
     med = p1["median_p99_ratio"]
     rows = []
     for i, r in enumerate(p1["reps"], 1):
-        b, e, pv = r["bundle_loaded"], r["equal_loaded"], r["previous_loaded"]
+        b, e = r["bundle_loaded"], r["equal_loaded"]
+        pv = r.get("previous_loaded")
         rows.append([
             str(i),
             f"{r['bundle_idle']['p50_ms']:.1f} / {r['bundle_idle']['p99_ms']:.1f}",
             f"{b['p50_ms']:.1f} / {b['p99_ms']:.1f}",
             f"**{b['p99_ratio']:.2f}x**",
             f"{e['p99_ratio']:.2f}x",
-            f"{pv['p99_ratio']:.2f}x",
-            f"{b['worker_cpu_cores']:.2f} / {e['worker_cpu_cores']:.2f} / {pv['worker_cpu_cores']:.2f}"
-            f" (**{r['throughput_vs_equal']:.0%}**)",
+            f"{pv['p99_ratio']:.2f}x" if pv else "-",
+            f"{b['worker_cpu_cores']:.2f} / {e['worker_cpu_cores']:.2f}"
+            + (f" / {pv['worker_cpu_cores']:.2f}" if pv else "")
+            + f" (**{r['throughput_vs_equal']:.0%}**)",
             f"{r['naive_idle']['p50_ms']:.1f} / {r['naive_idle']['p99_ms']:.1f}",
             f"{r['naive_async_loaded']['p99_ms']:.0f} ({r['naive_async_loaded']['p99_ratio']:.1f}x)",
             f"{r['naive_sync_loaded']['p99_ms']:.0f} ({r['naive_sync_loaded']['p99_ratio']:.1f}x)",
@@ -167,8 +169,9 @@ def section_p1(p1: dict[str, Any], img: str) -> tuple[str, str]:
     } repetitions. Each
 repetition measures, in this order: bundle idle; bundle loaded with the role defaults; the
 same with equal weights (receivers and their slice at the web's weight, normal
-scheduling: the reference for task throughput); the same with the previous role defaults
-(instances at `CPUWeight=20` in a slice left at 100, normal scheduling); naive idle; naive
+scheduling: the reference for task throughput); in the first repetition only, the same with
+the previous role defaults (instances at `CPUWeight=20` in a slice left at 100, normal
+scheduling); naive idle; naive
 loaded with async tasks; naive loaded with sync tasks. "Loaded" = a backlog of {prm["task_ms"]} ms
 `burn_cpu` tasks that keeps every receiver busy for the whole window (bundle: 2 receiver
 units x 2 processes; naive: a receiver in each of the 2 web workers, sync tasks in its
@@ -298,10 +301,16 @@ naive (gunicorn 27) ready in {fmt(p2["naive_median_ready_s"])} s having fetched 
 
 def section_p3(p3: dict[str, Any], img: str) -> tuple[str, str]:
     med = p3["median"]
+
+    def ph(r: dict[str, Any]) -> str:
+        p = r.get("bundle_phases", {})
+        keys = ("stop_s", "master_start_s", "worker_boot_s")
+        return " / ".join(fmt(p.get(k), 2) for k in keys)
+
     rows = [
         [str(i), fmt(r["bare"]["import_s"], 2), fmt(r["bare"]["boot_s"], 2),
-         fmt(r["bundle_restart_s"], 2), f"{r['bundle_vs_bare']:.2f}x", fmt(r["naive_restart_s"], 2),
-         la(r["loadavg"])]
+         fmt(r["bundle_restart_s"], 2), f"{r['bundle_vs_bare']:.2f}x", ph(r),
+         fmt(r["naive_restart_s"], 2), la(r["loadavg"])]
         for i, r in enumerate(p3["reps"], 1)
     ]  # fmt: skip
     text = f"""## P3 warm restart
@@ -312,7 +321,10 @@ def section_p3(p3: dict[str, Any], img: str) -> tuple[str, str]:
 `/readyz` answers 200 from a new worker, against the app alone measured in the same
 repetition: `import xagent.main`, and one `uvicorn xagent.main:app` process from exec to
 `/readyz` 200 ("bare boot"). Naive: stopping and starting the naive gunicorn (its
-lifespan downloads the model again; origin not capped here).
+lifespan downloads the model again; origin not capped here). The web's phases come from its
+journal: the old web's stop (it stops accepting, waits `web_shutdown_drain_seconds`, then
+shuts down gracefully), the new master's start (gunicorn's READY=1), then the first worker's
+lifespan done.
 
 {
         table(
@@ -322,6 +334,7 @@ lifespan downloads the model again; origin not capped here).
                 "bare boot s",
                 "bundle restart s",
                 "restart / bare boot",
+                "web: stop / master start / first worker ready s",
                 "naive restart s",
                 "loadavg",
             ],
@@ -395,7 +408,8 @@ def section_p5(p5: dict[str, Any]) -> tuple[str, str]:
         ["naive, a receiver in each of 2 web workers", fmt(nl["p50_ms"], 2), fmt(nl["p99_ms"], 2),
          fmt(p5["naive_throughput"]["tasks_per_s"], 0)],
     ] + [
-        [f"bundle, {n} receiver unit(s) x 2 processes", "-", "-", fmt(tp[n]["tasks_per_s"], 0)]
+        [f"bundle, {n} receiver unit(s) x 2 processes", "-", "-",
+         f"{tp[n]['tasks_per_s']:.0f} (after enqueue: {tp[n].get('drain_tasks_per_s', 0):.0f})"]
         for n in sorted(tp, key=int)
     ]  # fmt: skip
     text = f"""## P5 task path
@@ -403,7 +417,8 @@ def section_p5(p5: dict[str, Any]) -> tuple[str, str]:
 Enqueue -> start: {prm["latency_tasks"]} no-op tasks (`burn_cpu(0)`) enqueued open loop at {prm["rate"]}/s on an idle
 host; each task's latency runs from its scheduled enqueue time until Redis reports its result
 key written (keyspace notification), an upper bound of enqueue -> start. Throughput:
-{prm["throughput_tasks"]} no-op tasks enqueued at once, timed until all are acked.
+{prm["throughput_tasks"]} no-op tasks enqueued at once by one client, timed from the first enqueue until all are
+acked; in brackets the rate after the last enqueue (receivers alone on the CPU).
 
 {table(["design", "enqueue->start p50 ms", "p99 ms", "no-op tasks/s"], rows)}
 """
@@ -425,6 +440,7 @@ def section_p6(p6: dict[str, Any], img: str) -> tuple[str, str]:
         rows.append([
             n,
             f"{b['total']['Pss'] / MB:.0f} MB ({b['total']['Pss'] / m:.2f}x M)",
+            f"{b['total'].get('Pss_Model', 0) / MB:.0f} MB ({b['total'].get('Pss_Model', 0) / m:.2f}x M)",
             f"{b['total']['Pss_File'] / MB:.0f} / {b['total']['Pss_Anon'] / MB:.0f}",
             str(b["processes"]),
             f"{nv['total']['Pss'] / MB:.0f} MB ({nv['total']['Pss'] / m:.2f}x M)",
@@ -438,13 +454,18 @@ every process of the app's units, from `/proc/<pid>/smaps_rollup` of the process
 unit's cgroup; model M = {m / MB:.0f} MB. Bundle: web (N workers + master), scheduler, 2 receiver
 units x 2 processes; every process that enters the lifespan maps the model read-only
 (`MAP_SHARED|MAP_POPULATE`). Naive: the naive gunicorn (N workers + master, receivers
-inside), each worker reading the model into its heap.
+inside), each worker reading the model into its heap (anonymous memory). The bundle runs
+more processes (scheduler and receivers of their own, ~50-60 MB of heap each), so at N=1
+its total can exceed the naive one; what grows with N is the model: the bundle's mapping
+stays 1x M (PSS of the model file's mappings, from `/proc/<pid>/smaps`), the naive heap
+grows by M per worker.
 
 {
         table(
             [
                 "N web workers",
                 "bundle PSS",
+                "of which the model's mapping",
                 "bundle file / anon MB",
                 "processes",
                 "naive PSS",
@@ -458,10 +479,11 @@ inside), each worker reading the model into its heap.
 ![P6 memory]({img})
 """
     n4 = sorted(p6["bundle"], key=int)[-1]
+    b4, nv4 = p6["bundle"][n4]["total"], p6["naive"][n4]["total"]
     headline = (
-        f"P6 model memory ({m / MB:.0f} MB model, N={n4} workers): bundle "
-        f"{p6['bundle'][n4]['total']['Pss'] / m:.2f}x M in total, naive "
-        f"{p6['naive'][n4]['total']['Pss'] / m:.2f}x M"
+        f"P6 model memory ({m / MB:.0f} MB model M, N={n4} web workers): bundle {b4['Pss'] / MB:.0f} MB PSS "
+        f"in total, the model {b4.get('Pss_Model', 0) / m:.2f}x M shared by all its processes; naive "
+        f"{nv4['Pss'] / MB:.0f} MB ({nv4['Pss_Anon'] / m:.2f}x M of heap)"
     )
     return text, headline
 

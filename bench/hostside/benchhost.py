@@ -142,6 +142,7 @@ async def cmd_throughput(args: argparse.Namespace) -> None:
     for first in range(0, args.n, batch):
         await asyncio.gather(*(burn_cpu.kiq(0) for _ in range(min(batch, args.n - first))))
     enqueued = time.monotonic()
+    at_enqueued = await group_progress(client, settings.queue_name)
     deadline = started + args.timeout
     while True:
         progress = await group_progress(client, settings.queue_name)
@@ -158,6 +159,12 @@ async def cmd_throughput(args: argparse.Namespace) -> None:
             "seconds": round(seconds, 3),
             "enqueue_seconds": round(enqueued - started, 3),
             "tasks_per_s": round(args.n / seconds, 1),
+            # after the last enqueue: the receivers alone, no longer sharing the CPU
+            # with the client that enqueues
+            "drain_tasks_per_s": round(
+                (progress["acked"] - at_enqueued["acked"]) / max(time.monotonic() - enqueued, 1e-6),
+                1,
+            ),
         }
     )
     await broker.shutdown()
@@ -240,14 +247,31 @@ def rollup(pid: int) -> dict[str, int]:
     return values
 
 
+def mapping_pss(pid: int, suffix: str) -> int:
+    """PSS of the mappings of one file (path ending in ``suffix``) in a process."""
+    total, inside = 0, False
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    for line in text.splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
+            inside = len(head) >= 6 and head[-1].endswith(suffix)
+        elif inside and head and head[0] == "Pss:":
+            total += int(head[1]) * 1024
+    return total
+
+
 async def cmd_pss(args: argparse.Namespace) -> None:
     result: dict[str, Any] = {"units": {}, "total": {}}
-    keys = ("Pss", "Rss", "Pss_Anon", "Pss_File", "Pss_Shmem")
+    keys = ("Pss", "Rss", "Pss_Anon", "Pss_File", "Pss_Shmem", "Pss_Model")
     for unit in args.units.split():
         procs = []
         for pid in unit_pids(unit):
             r = rollup(pid)
             if r:
+                r["Pss_Model"] = mapping_pss(pid, args.model) if args.model else 0
                 procs.append({"pid": pid, **{k: r.get(k, 0) for k in keys}})
         result["units"][unit] = procs
         for k in keys:
@@ -277,6 +301,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, required=True)
     p = sub.add_parser("pss")
     p.add_argument("--units", required=True)
+    p.add_argument("--model", default="", help="file name: PSS of its mappings too")
     args = parser.parse_args()
     if args.cmd != "pss":
         load_settings_env()
