@@ -157,10 +157,20 @@ class Host:
         shares, idle = out.split()
         return {"cpu.shares": shares, "cpu.idle": idle}
 
-    def cpu_seconds(self, unit: str) -> float:
-        """CPU time used so far by every process of a unit or slice (cpuacct)."""
-        cg = self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
-        return int(self.sh(f"cat '/sys/fs/cgroup/cpuacct{cg}/cpuacct.usage'").strip()) / 1e9
+    def cgroup_of(self, unit: str) -> str:
+        return self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
+
+
+def cpu_ticks_cmd(cgroup: str) -> str:
+    """Shell (run inside the host) printing "CPU <seconds> <epoch>": user + system time of
+    the processes in a cgroup tree (/proc/<pid>/stat; systemd does not enable the cgroup
+    v1 cpuacct controller for them), with the time it was read. Run it in the same shell
+    as the measurement, so the interval is exact."""
+    return (
+        f"echo CPU $(cat $(find '/sys/fs/cgroup/systemd{cgroup}' -name cgroup.procs) | "
+        "while read -r p; do cut -d' ' -f14,15 /proc/$p/stat 2>/dev/null; done | "
+        "awk -v hz=$(getconf CLK_TCK) '{s += $1 + $2} END {print s / hz}') $(date +%s.%N)"
+    )
 
     def journal_since(self, unit: str, since_usec: int) -> list[str]:
         out = self.sh(
@@ -200,6 +210,7 @@ class LoadResult:
     ok: int = 0
     failed: int = 0
     generator_lag_ms_p99: float = 0.0
+    cpu_cores: float = 0.0
 
     def pct(self, p: float) -> float:
         return percentile(self.latencies_ms, p)
@@ -217,7 +228,9 @@ class LoadResult:
         }
 
 
-def h2load(host: Host, url: str, rate: int, seconds: float, *, weight: int = 10000) -> LoadResult:
+def h2load(
+    host: Host, url: str, rate: int, seconds: float, *, weight: int = 10000, cpu_cgroup: str = ""
+) -> LoadResult:
     """Open-loop load: h2load creates ``rate`` connections per second on a fixed timer
     (``-r``/``--rate-period``), one request each (``-n`` = ``-c``), whether or not earlier
     answers came back. It runs inside the host in a transient scope with a high CPU weight,
@@ -228,12 +241,14 @@ def h2load(host: Host, url: str, rate: int, seconds: float, *, weight: int = 100
     per_period = max(1, round(rate * period_ms / 1000))
     n = int(per_period * seconds * 1000 / period_ms)
     logf = "/tmp/bench-h2load.log"
-    host.sh(
-        f"rm -f {logf}; systemd-run --quiet --scope -p CPUWeight={weight} "
+    cpu = cpu_ticks_cmd(cpu_cgroup) + "; " if cpu_cgroup else ""
+    out = host.sh(
+        f"rm -f {logf}; {cpu}systemd-run --quiet --scope -p CPUWeight={weight} "
         f"h2load --h1 -n {n} -c {n} -r {per_period} --rate-period {period_ms}ms "
-        f"--log-file {logf} {shlex.quote(url)} >/tmp/bench-h2load.out 2>&1 || true",
+        f"--log-file {logf} {shlex.quote(url)} >/tmp/bench-h2load.out 2>&1 || true; {cpu}",
         timeout=seconds + 180,
     )
+    marks = [line.split()[1:3] for line in out.splitlines() if line.startswith("CPU ")]
     raw = host.sh(f"cat {logf} 2>/dev/null || true")
     rows = []
     for line in raw.splitlines():
@@ -242,6 +257,9 @@ def h2load(host: Host, url: str, rate: int, seconds: float, *, weight: int = 100
             rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
     rows.sort()
     res = LoadResult(sent=n)
+    if len(marks) == 2:
+        (c0, t0_), (c1, t1_) = marks
+        res.cpu_cores = (float(c1) - float(c0)) / max(float(t1_) - float(t0_), 1e-6)
     if not rows:
         res.failed = n
         return res

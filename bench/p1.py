@@ -91,17 +91,15 @@ def loaded_run(
     host.helper("enqueue", "--n", str(backlog), "--ms", str(ms), "--task", task)
     time.sleep(2.0)  # every receiver process busy
     before = host.helper("progress")
-    cpu0 = host.cpu_seconds(cpu_unit)
     t0 = time.monotonic()
-    res = h2load(host, url, rate, seconds)
+    res = h2load(host, url, rate, seconds, cpu_cgroup=host.cgroup_of(cpu_unit))
     elapsed = time.monotonic() - t0
-    cpu1 = host.cpu_seconds(cpu_unit)
     after = host.helper("progress")
     host.helper("purge")
     out = res.summary()
     out["tasks_per_s"] = round((after["acked"] - before["acked"]) / elapsed, 1)
-    out["worker_cpu_cores"] = round((cpu1 - cpu0) / elapsed, 3)
-    out["task_equiv_per_s"] = round((cpu1 - cpu0) / elapsed / (ms / 1000), 1)
+    out["worker_cpu_cores"] = round(res.cpu_cores, 3)
+    out["task_equiv_per_s"] = round(res.cpu_cores / (ms / 1000), 1)
     out["backlog_left"] = after["lag"] + after["pending"]
     return out
 
