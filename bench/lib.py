@@ -160,6 +160,16 @@ class Host:
     def cgroup_of(self, unit: str) -> str:
         return self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
 
+    def journal_since(self, unit: str, since_usec: int) -> list[str]:
+        out = self.sh(
+            f"journalctl --no-pager -o cat -u {shlex.quote(unit)} --since @{since_usec / 1e6:.6f}",
+            check=False,
+        )
+        return out.splitlines()
+
+    def now_usec(self) -> int:
+        return int(self.sh("date +%s%6N").strip())
+
 
 def cpu_ticks_cmd(cgroup: str) -> str:
     """Shell (run inside the host) printing "CPU <seconds> <epoch>": user + system time of
@@ -171,16 +181,6 @@ def cpu_ticks_cmd(cgroup: str) -> str:
         "while read -r p; do cut -d' ' -f14,15 /proc/$p/stat 2>/dev/null; done | "
         "awk -v hz=$(getconf CLK_TCK) '{s += $1 + $2} END {print s / hz}') $(date +%s.%N)"
     )
-
-    def journal_since(self, unit: str, since_usec: int) -> list[str]:
-        out = self.sh(
-            f"journalctl --no-pager -o cat -u {shlex.quote(unit)} --since @{since_usec / 1e6:.6f}",
-            check=False,
-        )
-        return out.splitlines()
-
-    def now_usec(self) -> int:
-        return int(self.sh("date +%s%6N").strip())
 
 
 def http_status(url: str, timeout: float = 2.0) -> int:

@@ -159,12 +159,12 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
             host.systemctl("start", f"{APP}-scheduler.service")
             restart_receivers(host, "start")
         r["loadavg_end"] = loadavg()
-        for k in [k for k in ("bundle_loaded", "equal_loaded", "previous_loaded") if k in r]:
-            r[k]["p99_ratio"] = round(r[k]["p99_ms"] / r["bundle_idle"]["p99_ms"], 3)
-            r[k]["p50_ratio"] = round(r[k]["p50_ms"] / r["bundle_idle"]["p50_ms"], 3)
-        for k in ("naive_async_loaded", "naive_sync_loaded"):
-            r[k]["p99_ratio"] = round(r[k]["p99_ms"] / r["naive_idle"]["p99_ms"], 3)
-            r[k]["p50_ratio"] = round(r[k]["p50_ms"] / r["naive_idle"]["p50_ms"], 3)
+        pairs = [(k, "bundle_idle") for k in ("bundle_loaded", "equal_loaded", "previous_loaded")]
+        pairs += [(k, "naive_idle") for k in ("naive_async_loaded", "naive_sync_loaded")]
+        for k, idle in pairs:
+            if k in r:
+                r[k]["p99_ratio"] = round(r[k]["p99_ms"] / r[idle]["p99_ms"], 3)
+                r[k]["p50_ratio"] = round(r[k]["p50_ms"] / r[idle]["p50_ms"], 3)
         # the work receivers got done: their CPU time, against the equal-weight run
         eq = max(r["equal_loaded"]["worker_cpu_cores"], 1e-9)
         r["throughput_vs_equal"] = round(r["bundle_loaded"]["worker_cpu_cores"] / eq, 3)
