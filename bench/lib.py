@@ -43,6 +43,8 @@ DOCKER_SYSTEMD_FLAGS = [
 # neighbours. 10240 = ten default containers.
 CGROUP_PARENT = "xagent-bench"
 CPU_SHARES = int(os.environ.get("BENCH_CPU_SHARES", "10240"))
+# This machine (and so the host, which shares its cgroup tree) is cgroup v1 (hybrid).
+V1 = Path("/sys/fs/cgroup/cpu/cpu.shares").exists()
 
 
 def log(msg: str) -> None:
@@ -147,15 +149,17 @@ class Host:
         self.sh(f"chmod -R a+rX {HOST_DIR}")
 
     def cgroup_path(self, unit: str) -> str:
+        """The unit's directory in the cpu controller (cgroup v1), or the unified one (v2)."""
         cg = self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
-        return f"/sys/fs/cgroup/cpu{cg}"
+        return f"/sys/fs/cgroup/cpu{cg}" if V1 else f"/sys/fs/cgroup{cg}"
 
     def cpu_values(self, unit: str) -> dict[str, str]:
-        """Effective cgroup values (cgroup v1 cpu controller) of a unit or slice."""
-        path = self.cgroup_path(unit)
-        out = self.sh(f"cat {shlex.quote(path)}/cpu.shares {shlex.quote(path)}/cpu.idle")
-        shares, idle = out.split()
-        return {"cpu.shares": shares, "cpu.idle": idle}
+        """Effective cgroup values of a unit or slice (v1: cpu.shares, v2: cpu.weight)."""
+        path = shlex.quote(self.cgroup_path(unit))
+        weight = "cpu.shares" if V1 else "cpu.weight"
+        out = self.sh(f"cat {path}/{weight} {path}/cpu.idle")
+        value, idle = out.split()
+        return {weight: value, "cpu.idle": idle}
 
     def cgroup_of(self, unit: str) -> str:
         return self.systemctl("show", "-p", "ControlGroup", "--value", unit).strip()
@@ -176,8 +180,9 @@ def cpu_ticks_cmd(cgroup: str) -> str:
     the processes in a cgroup tree (/proc/<pid>/stat; systemd does not enable the cgroup
     v1 cpuacct controller for them), with the time it was read. Run it in the same shell
     as the measurement, so the interval is exact."""
+    tree = f"/sys/fs/cgroup/systemd{cgroup}" if V1 else f"/sys/fs/cgroup{cgroup}"
     return (
-        f"echo CPU $(cat $(find '/sys/fs/cgroup/systemd{cgroup}' -name cgroup.procs) | "
+        f"echo CPU $(cat $(find '{tree}' -name cgroup.procs) | "
         "while read -r p; do cut -d' ' -f14,15 /proc/$p/stat 2>/dev/null; done | "
         "awk -v hz=$(getconf CLK_TCK) '{s += $1 + $2} END {print s / hz}') $(date +%s.%N)"
     )
