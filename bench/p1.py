@@ -113,6 +113,7 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
     web = f"http://127.0.0.1:{WEB_PORT}/healthz"
     naive_url = f"http://127.0.0.1:{NAIVE_PORT}/healthz"
     slc = receiver_slice(host)
+    apply_variant(host, None)  # no drop-in left over from an interrupted run
     effective = {
         "web": host.cpu_values(f"{APP}-web.service"),
         "receiver_slice": {"name": slc, **host.cpu_values(slc)},
