@@ -181,10 +181,15 @@ def cpu_ticks_cmd(cgroup: str) -> str:
     v1 cpuacct controller for them), with the time it was read. Run it in the same shell
     as the measurement, so the interval is exact."""
     tree = f"/sys/fs/cgroup/systemd{cgroup}" if V1 else f"/sys/fs/cgroup{cgroup}"
+    # also the whole machine's busy time (/proc/stat) and the bench host's own (its cgroup's
+    # cpuacct, from PID 1's cgroup): what the neighbours got = machine - host
+    host_acct = "/sys/fs/cgroup/cpuacct$(sed -n 's/^[0-9]*:cpu[^:]*acct[^:]*://p' /proc/1/cgroup)"
     return (
         f"echo CPU $(cat $(find '{tree}' -name cgroup.procs) | "
         "while read -r p; do cut -d' ' -f14,15 /proc/$p/stat 2>/dev/null; done | "
-        "awk -v hz=$(getconf CLK_TCK) '{s += $1 + $2} END {print s / hz}') $(date +%s.%N)"
+        "awk -v hz=$(getconf CLK_TCK) '{s += $1 + $2} END {print s / hz}') $(date +%s.%N) "
+        "$(awk -v hz=$(getconf CLK_TCK) '/^cpu / {print ($2 + $3 + $4 + $7 + $8 + $9) / hz}' "
+        f"/proc/stat) $(awk '{{print $1 / 1e9}}' {host_acct}/cpuacct.usage 2>/dev/null || echo 0)"
     )
 
 
@@ -216,6 +221,8 @@ class LoadResult:
     failed: int = 0
     generator_lag_ms_p99: float = 0.0
     cpu_cores: float = 0.0
+    host_cores: float = 0.0
+    neighbour_cores: float = 0.0
 
     def pct(self, p: float) -> float:
         return percentile(self.latencies_ms, p)
@@ -253,7 +260,7 @@ def h2load(
         f"--log-file {logf} {shlex.quote(url)} >/tmp/bench-h2load.out 2>&1 || true; {cpu}",
         timeout=seconds + 180,
     )
-    marks = [line.split()[1:3] for line in out.splitlines() if line.startswith("CPU ")]
+    marks = [line.split()[1:5] for line in out.splitlines() if line.startswith("CPU ")]
     raw = host.sh(f"cat {logf} 2>/dev/null || true")
     rows = []
     for line in raw.splitlines():
@@ -262,9 +269,12 @@ def h2load(
             rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
     rows.sort()
     res = LoadResult(sent=n)
-    if len(marks) == 2:
-        (c0, t0_), (c1, t1_) = marks
-        res.cpu_cores = (float(c1) - float(c0)) / max(float(t1_) - float(t0_), 1e-6)
+    if len(marks) == 2 and all(len(m) == 4 for m in marks):
+        (c0, t0_, m0, h0), (c1, t1_, m1, h1) = ([float(x) for x in m] for m in marks)
+        span = max(t1_ - t0_, 1e-6)
+        res.cpu_cores = (c1 - c0) / span
+        res.host_cores = (h1 - h0) / span
+        res.neighbour_cores = max(0.0, (m1 - m0) - (h1 - h0)) / span
     if not rows:
         res.failed = n
         return res

@@ -99,14 +99,20 @@ def loaded_run(
     out = res.summary()
     out["tasks_per_s"] = round((after["acked"] - before["acked"]) / elapsed, 1)
     out["worker_cpu_cores"] = round(res.cpu_cores, 3)
+    # the bench host as a whole, and every process outside it (the neighbours)
+    out["host_cpu_cores"] = round(res.host_cores, 3)
+    out["neighbour_cpu_cores"] = round(res.neighbour_cores, 3)
     out["task_equiv_per_s"] = round(res.cpu_cores / (ms / 1000), 1)
     out["backlog_left"] = after["lag"] + after["pending"]
     return out
 
 
-def idle_run(host: Host, url: str, rate: int, seconds: float) -> dict[str, Any]:
-    res = h2load(host, url, rate, seconds)
-    return res.summary()
+def idle_run(host: Host, url: str, rate: int, seconds: float, cpu_unit: str) -> dict[str, Any]:
+    res = h2load(host, url, rate, seconds, cpu_cgroup=host.cgroup_of(cpu_unit))
+    out = res.summary()
+    out["host_cpu_cores"] = round(res.host_cores, 3)
+    out["neighbour_cpu_cores"] = round(res.neighbour_cores, 3)
+    return out
 
 
 def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[str, Any]:
@@ -128,7 +134,7 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
         r: dict[str, Any] = {"loadavg_start": loadavg()}
         host.helper("purge")
         log(f"P1 rep {rep + 1}/{reps}: bundle idle")
-        r["bundle_idle"] = idle_run(host, web, rate, seconds)
+        r["bundle_idle"] = idle_run(host, web, rate, seconds, slc)
         log(f"P1 rep {rep + 1}: bundle loaded (role defaults)")
         r["bundle_loaded"] = loaded_run(host, web, rate, seconds, "xagent.burn_cpu", ms, slc, 4)
         log(f"P1 rep {rep + 1}: bundle loaded, equal weights")
@@ -146,7 +152,7 @@ def run_p1(host: Host, reps: int, seconds: float, rate: int, ms: int) -> dict[st
         try:
             naive.start(host, workers=2)
             log(f"P1 rep {rep + 1}: naive idle")
-            r["naive_idle"] = idle_run(host, naive_url, rate, seconds)
+            r["naive_idle"] = idle_run(host, naive_url, rate, seconds, naive.UNIT)
             log(f"P1 rep {rep + 1}: naive loaded, async tasks in the web loop")
             r["naive_async_loaded"] = loaded_run(
                 host, naive_url, rate, seconds, "xagent.burn_cpu", ms, naive.UNIT, 2

@@ -158,6 +158,10 @@ def section_p1(p1: dict[str, Any], img: str) -> tuple[str, str]:
             f"{b['worker_cpu_cores']:.2f} / {e['worker_cpu_cores']:.2f}"
             + (f" / {pv['worker_cpu_cores']:.2f}" if pv else "")
             + f" (**{r['throughput_vs_equal']:.0%}**)",
+            " / ".join(
+                fmt(r[k].get("neighbour_cpu_cores"), 2)
+                for k in ("bundle_idle", "bundle_loaded", "equal_loaded")
+            ),
             f"{r['naive_idle']['p50_ms']:.1f} / {r['naive_idle']['p99_ms']:.1f}",
             f"{r['naive_async_loaded']['p99_ms']:.0f} ({r['naive_async_loaded']['p99_ratio']:.1f}x)",
             f"{r['naive_sync_loaded']['p99_ms']:.0f} ({r['naive_sync_loaded']['p99_ratio']:.1f}x)",
@@ -182,7 +186,9 @@ units x 2 processes; naive: a receiver in each of the 2 web workers, sync tasks 
 thread pool of 6). Latency is counted from each request's scheduled send time. Ratios are
 loaded p99 / idle p99 of the same design in the same repetition. Task throughput is the
 CPU time the receivers got during the window (cores): `burn_cpu(ms)` runs for `ms` of wall
-time, so tasks/s would count preempted tasks as done.
+time, so tasks/s would count preempted tasks as done. "Neighbours" = CPU time of every process
+on the machine outside the bench host during the window (`/proc/stat` minus the host's
+cgroup), i.e. other people's jobs.
 
 Effective values with the role defaults (the kernel's cgroup files): web {kv(eff["web"])};
 receivers' slice `{sl["name"]}` {kv(sl)}; each receiver {kv(eff["receiver"])}; receiver processes
@@ -198,6 +204,7 @@ receivers' slice `{sl["name"]}` {kv(sl)}; each receiver {kv(eff["receiver"])}; r
                 "equal weights",
                 "previous defaults",
                 "receiver CPU cores: defaults / equal / previous (defaults vs equal)",
+                "neighbours' CPU cores: idle / defaults / equal",
                 "naive idle p50/p99 ms",
                 "naive async p99 ms",
                 "naive sync p99 ms",
@@ -510,6 +517,24 @@ def section_notes(results: dict[str, Any]) -> str:
             f"{med['naive_async_loaded']:.1f}x / {med['naive_sync_loaded']:.1f}x. On a cgroup v2 host `CPUWeight=idle` "
             "on the slice sets `cpu.idle=1` itself; on cgroup v1 (this machine, systemd 252) the receiver unit "
             "writes it (ExecStartPre) and the Molecule verify checks it."
+        )
+        nb = {
+            k: median([r[k].get("neighbour_cpu_cores", 0.0) for r in p1["reps"]])
+            for k in ("bundle_idle", "bundle_loaded", "equal_loaded")
+        }
+        cpu = {
+            k: median([r[k].get("worker_cpu_cores", 0.0) for r in p1["reps"]])
+            for k in ("bundle_loaded", "equal_loaded")
+        }
+        notes.append(
+            f"- **P1 throughput**: the receivers got {cpu['bundle_loaded']:.2f} cores with the role defaults "
+            f"and {cpu['equal_loaded']:.2f} with equal weights (medians). An idle slice yields the CPU to every "
+            "normal process, on this shared machine also to the neighbours: they got "
+            f"{nb['bundle_loaded']:.2f} cores during the loaded windows with the defaults, {nb['equal_loaded']:.2f} "
+            f"with equal weights, {nb['bundle_idle']:.2f} while the host was idle. (The bench host's weight at "
+            "the machine's root is spread over its CPUs by the weight of what runs there; idle tasks weigh "
+            "almost nothing, so the host claims little against other tenants while only receivers run.) "
+            "On a host of its own nothing but the app competes for the spare CPU, and the receivers get it."
         )
     p3 = results.get("P3")
     if p3:
