@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +174,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse a running host (no P4)")
     parser.add_argument("--no-report", action="store_true")
     args = parser.parse_args()
+    # SIGTERM (CI stopping the job) runs the cleanup below too: origin, host container
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = [x.strip().upper() for x in args.only.split(",") if x.strip()]
     smoke = args.smoke
     started = time.monotonic()
