@@ -81,6 +81,10 @@ def plot_p1(p1: dict[str, Any], path: Path) -> None:
             ax.annotate(f"{v:.0f}" if v >= 10 else f"{v:.1f}", (b.get_x() + b.get_width() / 2, v),
                         ha="center", va="bottom", fontsize=7)  # fmt: skip
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(list(xs), [label for _, label in conds], fontsize=8)
     ax.set_ylabel("latency from scheduled send, ms (log)")
     prm = p1["params"]
