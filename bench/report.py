@@ -130,6 +130,8 @@ def plot_p6(p6: dict[str, Any], path: Path) -> None:
     ):
         ax.plot([int(n) for n in ns], [p6[key][n]["total"]["Pss"] / MB for n in ns], "o-",
                 color=color, label=label)  # fmt: skip
+    ax.plot([int(n) for n in ns], [p6["bundle"][n]["total"].get("Pss_Model", 0) / MB for n in ns],
+            "s--", color="#4c72b0", label="bundle: the model's mapping")  # fmt: skip
     ax.plot([int(n) for n in ns], [int(n) * m for n in ns], ":", color="grey", label="N x model")
     ax.axhline(m, color="grey", lw=0.8, ls="--", label="1 x model")
     ax.set_xlabel("web workers N")
