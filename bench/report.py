@@ -513,7 +513,7 @@ def section_notes(results: dict[str, Any]) -> str:
             f"- **P1** {'meets' if ok else 'misses'} its goal: loaded/idle p99 {med['bundle_loaded']:.2f}x "
             f"(goal <= 1.1x), receivers' CPU {med['throughput_vs_equal']:.0%} of equal weights (goal >= 95%). "
             f"The idle p99 alone moved between {min(idle):.1f} and {max(idle):.1f} ms across repetitions "
-            "(p99 of one window is its ~16th-worst request), so single ratios scatter by +-0.3x; read the "
+            "(the p99 of one window is about its 16th-worst request), so single ratios scatter; read the "
             "median. What is left under load: (1) CPU the receivers cause at normal priority outside their "
             "slice (journald writes two lines per task, Redis serves XREADGROUP/XACK and the result SET), "
             "(2) shared caches and memory bandwidth of the two cores, (3) the neighbours on this shared machine "
@@ -524,23 +524,26 @@ def section_notes(results: dict[str, Any]) -> str:
             "on the slice sets `cpu.idle=1` itself; on cgroup v1 (this machine, systemd 252) the receiver unit "
             "writes it (ExecStartPre) and the Molecule verify checks it."
         )
-        nb = {
-            k: median([r[k].get("neighbour_cpu_cores", 0.0) for r in p1["reps"]])
-            for k in ("bundle_idle", "bundle_loaded", "equal_loaded")
-        }
-        cpu = {
-            k: median([r[k].get("worker_cpu_cores", 0.0) for r in p1["reps"]])
-            for k in ("bundle_loaded", "equal_loaded")
-        }
+
+        def med_of(k: str, field: str) -> float:
+            return median([r[k].get(field, 0.0) for r in p1["reps"]])
+
+        a, b = (
+            med_of("bundle_loaded", "worker_cpu_cores"),
+            med_of("equal_loaded", "worker_cpu_cores"),
+        )
+        hd, he = med_of("bundle_loaded", "host_cpu_cores"), med_of("equal_loaded", "host_cpu_cores")
+        nd, ne = (med_of("bundle_loaded", "neighbour_cpu_cores"),
+                  med_of("equal_loaded", "neighbour_cpu_cores"))  # fmt: skip
         notes.append(
-            f"- **P1 throughput**: the receivers got {cpu['bundle_loaded']:.2f} cores with the role defaults "
-            f"and {cpu['equal_loaded']:.2f} with equal weights (medians). An idle slice yields the CPU to every "
-            "normal process, on this shared machine also to the neighbours: they got "
-            f"{nb['bundle_loaded']:.2f} cores during the loaded windows with the defaults, {nb['equal_loaded']:.2f} "
-            f"with equal weights, {nb['bundle_idle']:.2f} while the host was idle. (The bench host's weight at "
-            "the machine's root is spread over its CPUs by the weight of what runs there; idle tasks weigh "
-            "almost nothing, so the host claims little against other tenants while only receivers run.) "
-            "On a host of its own nothing but the app competes for the spare CPU, and the receivers get it."
+            f"- **P1 throughput** (medians, CPU cores during the loaded windows): receivers {a:.2f} with the "
+            f"role defaults against {b:.2f} with equal weights ({a / max(b, 1e-9):.0%}). The bench host as a "
+            f"whole used {hd:.2f} against {he:.2f} cores: the idle-class receivers leave a little CPU unused "
+            "(the kernel balances SCHED_IDLE tasks between CPUs by a weight of almost nothing, and a waking "
+            "web worker preempts them at once, which costs cache and switches); the other processes in the "
+            f"host (web, journald, Redis, the load generator) got {hd - a:.2f} against {he - b:.2f} cores, "
+            f"since they now run whenever they want; processes outside the host got {nd:.2f} against "
+            f"{ne:.2f}. That is the price of the latency: the web no longer waits behind a task's time slice."
         )
     p3 = results.get("P3")
     if p3:
