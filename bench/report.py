@@ -568,6 +568,24 @@ def section_notes(results: dict[str, Any]) -> str:
             "and the receivers start too. The bare boot is only the last part, in one process. "
             "The socket unit keeps connections waiting meanwhile instead of refusing them (P4)."
         )
+    p6 = results.get("P6")
+    if p6 and len(p6["bundle"]) >= 2:
+        ns = sorted(p6["bundle"], key=int)
+        lo, hi = ns[0], ns[-1]
+        m_ = p6["params"]["model_bytes"]
+
+        def step(design: str) -> float:
+            tot = p6[design]
+            return (tot[hi]["total"]["Pss"] - tot[lo]["total"]["Pss"]) / (int(hi) - int(lo))
+
+        maps = [p6["bundle"][n]["total"].get("Pss_Model", 0) / m_ for n in ns]
+        notes.append(
+            f"- **P6** meets its goal: the model's mapping counts {min(maps):.2f}-{max(maps):.2f}x M in the "
+            f"bundle for every N, and each further web worker adds {step('bundle') / MB:.0f} MB (its own heap); "
+            f"in the naive design each further worker adds {step('naive') / MB:.0f} MB "
+            f"({step('naive') / m_:.2f}x M). The bundle's fixed cost is its separate processes "
+            "(scheduler, receiver mains and children), each with its own Python heap."
+        )
     p4 = results.get("P4")
     if p4 and "rerun" in p4:
         ratio = p4.get("rerun_vs_first", 0)
