@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -106,5 +107,6 @@ async def test_each_tick_is_sent_once_and_only_by_the_holder(
     assert await lease.send_tick(token + 1, "tick", tick + 60, b'{"n": 4}') == -1  # deposed
     assert await lease.send_tick(token, "other", tick, b'{"n": 5}') == 1
     assert await lease.last_sent() == {"tick": tick, "other": tick}
-    sent = [json.loads(f[b"data"]) for _, f in await lease.client.xrange(queue_name)]
+    stream: Any = await lease.client.xrange(queue_name)
+    sent = [json.loads(f[b"data"]) for _, f in stream]
     assert sent == [{"n": 1}, {"n": 5}]  # in the stream exactly when recorded as sent

@@ -5,6 +5,7 @@ deleted, heartbeats touch only this consumer's entries, a clean leave hands entr
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -22,17 +23,22 @@ async def client(queue_name: str) -> AsyncIterator[aioredis.Redis]:
     await conn.aclose()
 
 
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def add(client: aioredis.Redis, stream: str, n: int) -> list[str]:
-    return [(await client.xadd(stream, {"data": f"m{i}"})).decode() for i in range(n)]
+    return [_s(await client.xadd(stream, {"data": f"m{i}"})) for i in range(n)]
 
 
 async def read(client: aioredis.Redis, stream: str, consumer: str, count: int) -> list[str]:
-    got = await client.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
-    return [entry_id.decode() for _, entries in got for entry_id, _ in entries]
+    got: Any = await client.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+    return [_s(entry_id) for _, entries in got for entry_id, _ in entries]
 
 
 async def entries(client: aioredis.Redis, stream: str) -> list[str]:
-    return [entry_id.decode() for entry_id, _ in await client.xrange(stream)]
+    found: Any = await client.xrange(stream)
+    return [_s(entry_id) for entry_id, _ in found]
 
 
 def test_consumer_names_say_host_and_pid() -> None:
@@ -120,11 +126,10 @@ async def test_heartbeat_touches_only_own_pending_entries(
     await read(client, queue_name, "me-1", 2)
     await read(client, queue_name, "other-2", 1)
     await client.xack(queue_name, GROUP, ids[1])
-    kept = await client.eval(streams.HEARTBEAT_LUA, 1, queue_name, GROUP, "me-1", *ids)
-    assert [k.decode() for k in kept] == [ids[0]]
+    kept: Any = await client.eval(streams.HEARTBEAT_LUA, 1, queue_name, GROUP, "me-1", *ids)
+    assert [_s(k) for k in kept] == [ids[0]]
     pending = {
-        p["message_id"].decode(): p
-        for p in await client.xpending_range(queue_name, GROUP, "-", "+", 10)
+        _s(p["message_id"]): p for p in await client.xpending_range(queue_name, GROUP, "-", "+", 10)
     }
     assert pending[ids[2]]["consumer"] == b"other-2"  # not taken from its owner
     assert pending[ids[0]]["times_delivered"] == 1  # a heartbeat is not a delivery
