@@ -176,7 +176,9 @@ class XagentStreamBroker(RedisStreamBroker):
                     if self._reclaim_cursor != "0-0":
                         next_reclaim = now  # more to look at: go on right away
                 except ResponseError as exc:
-                    if not str(exc).startswith("NOGROUP"):
+                    # NOGROUP: no group (or stream); UNBLOCKED: the stream was deleted while
+                    # this read was blocked on it
+                    if not str(exc).startswith(("NOGROUP", "UNBLOCKED")):
                         raise
                     # Redis lost the stream or the group: recreate it at id 0, so entries
                     # added meanwhile (the web kept sending) are delivered, not skipped
