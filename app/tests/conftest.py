@@ -77,6 +77,7 @@ def base_env(db_url: str, queue: str, models_dir: Path, **extra: str) -> dict[st
         {
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(models_dir.parent / "prometheus"),
             "XAGENT_DATABASE_URL": db_url,
             "XAGENT_REDIS_URL": TEST_REDIS_URL,
@@ -155,8 +156,15 @@ class Proc:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # hung: faulthandler (PYTHONFAULTHANDLER) writes every thread's stack to the
+                # log on SIGABRT, so the failure shows where it hung
+                with contextlib.suppress(ProcessLookupError):
+                    self.popen.send_signal(signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(2)
         # whatever is left of the group (children) is killed
         self.signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

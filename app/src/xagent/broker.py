@@ -39,7 +39,7 @@ from taskiq.labels import LabelType
 from taskiq.message import BrokerMessage
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
-from xagent import streams
+from xagent import aio, streams
 from xagent.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -62,10 +62,8 @@ class XagentStreamBroker(RedisStreamBroker):
             consumer_id="0",
             idle_timeout=settings.stream_idle_timeout_ms,
             xread_count=settings.stream_xread_count,
-            # a hung (not down) Redis ends in an error instead of a wait forever; longer than
-            # the 2 s XREADGROUP block
+            # redis-py's default socket timeout (5 s) bounds reads and sends; bound connecting
             socket_connect_timeout=5,
-            socket_timeout=15,
             socket_keepalive=True,
             **settings.redis_kwargs(),
         )
@@ -164,6 +162,7 @@ class XagentStreamBroker(RedisStreamBroker):
         failures = 0
         async with Redis(connection_pool=self.connection_pool) as conn:
             while True:
+                aio.raise_if_cancel_lost()
                 batch: list[tuple[str, _Fields]] = []
                 try:
                     now = time.monotonic()
@@ -194,6 +193,8 @@ class XagentStreamBroker(RedisStreamBroker):
                     await asyncio.sleep(delay)
                     continue
                 self._hold([entry_id for entry_id, _ in batch])
+                # stopping: these stay pending and are handed over when the consumer leaves
+                aio.raise_if_cancel_lost()
                 for entry_id, fields in batch:
                     yield self._message(entry_id, fields)
 

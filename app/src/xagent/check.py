@@ -64,11 +64,14 @@ async def check_receivers(
     answer: dict[str, Any] | None = None
     took = 0.0
     try:
+        deadline = time.monotonic() + timeout
+        # the explicit deadline as well: a cancellation by asyncio.timeout can get lost in
+        # redis-py on Python 3.11 (xagent.aio)
         async with asyncio.timeout(timeout):
             await broker.startup()
             sent = time.time()
             task = await ping.kiq(sent)
-            while True:
+            while time.monotonic() < deadline:
                 live, known = await _live_consumers(client, settings, host, recent)
                 if answer is None and await task.is_ready():
                     result = await task.get_result()
@@ -81,6 +84,7 @@ async def check_receivers(
                         f"ping answered by {answer['consumer']} in {took:.2f} s"
                     )
                 await asyncio.sleep(0.5)
+            raise TimeoutError
     except TimeoutError:
         problems = []
         if len(live) < minimum:
@@ -101,9 +105,10 @@ async def check_scheduler(settings: Settings, timeout: float) -> str:
     client = _client(settings)
     lease = SchedulerLease(client, Keys.for_queue(settings.queue_name))
     status: dict[str, Any] | None = None
+    deadline = time.monotonic() + timeout
     try:
         async with asyncio.timeout(timeout):
-            while True:
+            while time.monotonic() < deadline:
                 status = await lease.status()
                 # renewed every third of the lease: two thirds is late
                 if status and status["renewed_age_ms"] <= status["lease_ms"] * 2 / 3:
@@ -114,6 +119,7 @@ async def check_scheduler(settings: Settings, timeout: float) -> str:
                         f"{status['held_for_ms'] / 1000:.0f} s"
                     )
                 await asyncio.sleep(0.5)
+            raise TimeoutError
     except TimeoutError:
         if status is None:
             raise CheckFailed(f"no scheduler held the lease within {timeout:g} s") from None

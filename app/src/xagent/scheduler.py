@@ -26,7 +26,6 @@ and a stop hung until SIGKILL. The handlers are installed here explicitly instea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import time
@@ -37,7 +36,7 @@ import redis.asyncio as aioredis
 from taskiq import AsyncBroker, ScheduledTask, TaskiqScheduler
 from taskiq.abc.schedule_source import ScheduleSource
 
-from xagent import streams
+from xagent import aio, streams
 from xagent import tasks as _tasks  # noqa: F401  (registers the tasks and their schedules)
 from xagent.broker import broker
 from xagent.leases import Keys, Schedule, SchedulerLease, collect_schedules, due_ticks, tick_message
@@ -128,15 +127,19 @@ class LeaderScheduler(TaskiqScheduler):
                         log.info("stopped before Redis was reachable")
                         raise SystemExit(0) from None
                     raise
+        if self._stop_requested:  # its cancellation got lost in the last Redis call
+            log.info("stopped during startup")
+            raise SystemExit(0)
         self._leader_task = asyncio.create_task(self._lead(), name="xagent-scheduler-leader")
 
     async def shutdown(self) -> None:
         """Stop sending, release the lease (a standby takes over at once), close Redis."""
         self._shutting_down = True
-        if self._leader_task is not None:
-            self._leader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._leader_task
+        # cancelled until done: on Python 3.11 redis-py can drop a cancellation (xagent.aio)
+        if self._leader_task is not None and not await aio.cancel_and_wait(
+            self._leader_task, timeout=5
+        ):
+            log.warning("the leader loop did not stop; releasing the lease anyway")
         if self._token is not None:
             try:
                 async with asyncio.timeout(2):
@@ -165,9 +168,10 @@ class LeaderScheduler(TaskiqScheduler):
     async def _lead(self) -> None:
         lease = self._lease()
         failures = 0
-        while True:
-            if self._stop_requested and not self._shutting_down:
-                # a cancellation of the main task can get lost in a race: repeat it
+        while not self._shutting_down:
+            aio.raise_if_cancel_lost()
+            if self._stop_requested:
+                # the main task's cancellation got lost (xagent.aio): repeat it
                 self._cancel_main()
             try:
                 await self._step(lease)
