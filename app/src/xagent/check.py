@@ -28,7 +28,6 @@ import redis.asyncio as aioredis
 
 from xagent import streams
 from xagent.leases import Keys, SchedulerLease
-from xagent.runs import one_line
 from xagent.settings import Settings, SettingsError, get_settings
 
 
@@ -174,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xagent-check {args.what}: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:
-        print(f"xagent-check {args.what}: {one_line(exc)}", file=sys.stderr)
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        print(f"xagent-check {args.what}: {type(exc).__name__}: {detail}", file=sys.stderr)
         return 1
     print(line)
     return 0

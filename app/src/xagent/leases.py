@@ -19,12 +19,13 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pycron  # type: ignore[import-untyped]
 import redis.asyncio as aioredis
-from taskiq import AsyncBroker, TaskiqMessage
-from taskiq.labels import prepare_label
+
+if TYPE_CHECKING:  # taskiq (and FastAPI through it) is slow to import: xagent-check skips it
+    from taskiq import AsyncBroker
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,9 @@ def due_ticks(
 
 def tick_message(broker: AsyncBroker, schedule: Schedule, tick: int) -> bytes:
     """The TaskIQ message of one tick (labels ``schedule_id`` and ``scheduled_for``)."""
+    from taskiq import TaskiqMessage
+    from taskiq.labels import prepare_label
+
     labels = {
         **schedule.labels,
         "schedule_id": schedule.schedule_id,
