@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
-from conftest import BIN, base_env, run_bootstrap, sql
+from conftest import BIN, Proc, base_env, run_bootstrap, sql, wait_until
 from fileserver import FileServer
-from xagent.bootstrap import verify_password
+from xagent.bootstrap import ADVISORY_LOCK_KEY, verify_password
 from xagent.tools import REGISTRY
 
 
@@ -101,29 +105,79 @@ def test_concurrent_bootstraps_serialise(fresh_db: str, tmp_path: Path) -> None:
     assert [r["host"] for r in hosts] == ["host-a", "host-b"]
 
 
-def test_two_concurrent_tools_runs_give_no_duplicates(fresh_db: str, tmp_path: Path) -> None:
-    env = base_env(fresh_db, "q", tmp_path / "models")
-    assert run_bootstrap(env, "migrate").returncode == 0
-    procs = [
-        subprocess.Popen(
-            [str(BIN / "xagent-bootstrap"), "tools"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(3)
-    ]
-    outputs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    rows = _rows(fresh_db, "SELECT name, count(*) AS n FROM tools GROUP BY name")
-    assert {r["name"]: r["n"] for r in rows} == dict.fromkeys(REGISTRY, 1)
-    # exactly one of them inserted the rows; the others found nothing to change
-    changed = sorted(
-        int(re.search(r"in code, (\d+) inserted/updated", out).group(1))  # type: ignore[union-attr]
-        for out, _ in outputs
+async def _advisory_waiters(conn: asyncpg.Connection, database: str) -> int:
+    count = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 "
+        "AND application_name = 'xagent' AND wait_event_type = 'Lock' "
+        "AND wait_event = 'advisory'",
+        database,
     )
-    assert changed == [0, 0, len(REGISTRY)]
+    return int(count)
+
+
+RUNS = 2  # concurrent runs per step (each is a whole interpreter: keep the CPU use small)
+
+
+@pytest.mark.parametrize("step", ["tools", "root-user", "migrate"])
+async def test_cluster_steps_wait_for_the_advisory_lock(
+    fresh_db: str, tmp_path: Path, step: str
+) -> None:
+    """While someone else holds the cluster lock, concurrent runs of a cluster-wide step write
+    nothing; each waits, then they run one after another. (Without the lock the runs would
+    finish while the test still holds it, and this test fails.)"""
+    env = base_env(fresh_db, "q", tmp_path / "models")
+    assert (await asyncio.to_thread(run_bootstrap, env, "migrate")).returncode == 0
+    url = make_url(fresh_db)
+    holder = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(False))
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
+        runs_before = await holder.fetchval("SELECT count(*) FROM bootstrap_runs")
+        for _ in range(RUNS):
+            procs.append(
+                await asyncio.create_subprocess_exec(
+                    str(BIN / "xagent-bootstrap"),
+                    step,
+                    env=env,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                )
+            )
+        deadline = time.monotonic() + 60
+        while await _advisory_waiters(holder, str(url.database)) < RUNS:
+            finished = [p for p in procs if p.returncode is not None]
+            assert not finished, f"a {step} run finished while the cluster lock was held"
+            assert time.monotonic() < deadline, f"{step} runs never waited for the lock"
+            await asyncio.sleep(0.1)
+        # nothing written while the lock is held elsewhere
+        assert await holder.fetchval("SELECT count(*) FROM tools") == 0
+        assert await holder.fetchval("SELECT count(*) FROM users") == 0
+        assert await holder.fetchval("SELECT count(*) FROM bootstrap_runs") == runs_before
+        await holder.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+        outputs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
+        await holder.close()
+    texts = [out.decode() for out, _ in outputs]
+    assert [p.returncode for p in procs] == [0] * RUNS, outputs
+    assert all("waiting for the cluster bootstrap lock" in t for t in texts), texts
+    if step == "tools":
+        query = "SELECT name, count(*) AS n FROM tools GROUP BY name"
+        rows = await asyncio.to_thread(_rows, fresh_db, query)
+        assert {r["name"]: r["n"] for r in rows} == dict.fromkeys(REGISTRY, 1)
+        # exactly one of them inserted the rows; the others found nothing to change
+        changed = sorted(
+            int(re.search(r"in code, (\d+) inserted/updated", t).group(1))  # type: ignore[union-attr]
+            for t in texts
+        )
+        assert changed == [0] * (RUNS - 1) + [len(REGISTRY)]
+    if step == "root-user":
+        users = await asyncio.to_thread(_rows, fresh_db, "SELECT count(*) AS n FROM users")
+        assert users == [{"n": 1}]
+        assert sum("created 'root'" in t for t in texts) == 1
 
 
 def test_tools_gone_from_code_are_marked_inactive(fresh_db: str, tmp_path: Path) -> None:
@@ -170,9 +224,17 @@ def test_unknown_step(tmp_path: Path) -> None:
 
 
 def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
-    env = base_env("postgresql+asyncpg://xagent:xagent@127.0.0.1:9/none", "q", tmp_path)
-    line = _one_line_error(run_bootstrap(env, "migrate"))
-    assert line.startswith("xagent-bootstrap: error: migrate: ")
+    env = base_env(
+        "postgresql+asyncpg://xagent:xagent@127.0.0.1:9/none",
+        "q",
+        tmp_path,
+        XAGENT_BOOTSTRAP_WAIT_SECONDS="0",  # a single attempt
+    )
+    result = run_bootstrap(env, "migrate")
+    line = _one_line_error(result)
+    assert line.startswith("xagent-bootstrap: error: migrate: postgresql not reachable after ")
+    assert "ConnectionRefusedError" in line
+    assert "waiting for postgresql" not in result.stdout
 
 
 def test_root_user_without_password_fails(fresh_db: str, tmp_path: Path) -> None:
@@ -213,6 +275,53 @@ def test_models_step_downloads_resumes_and_skips(
     assert second.returncode == 0
     assert "models: weights.bin present" in second.stdout
     assert len(model_server.requests) == 2
+
+
+def test_concurrent_models_runs_download_each_file_once(
+    fresh_db: str, tmp_path: Path, model_server: FileServer
+) -> None:
+    """The boot unit and a release's unit on one host: the second waits for the models
+    directory lock, then finds every file verified; each file is fetched once."""
+    big, small = os.urandom(1_500_000), os.urandom(300_000)
+    model_server.files.update({"big.bin": big, "small.bin": small})
+    model_server.stall_at["big.bin"] = 500_000  # the first run holds the lock until resumed
+    specs = [
+        {"name": name, "url": model_server.url(name), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in [("big.bin", big), ("small.bin", small)]
+    ]
+    models_dir = tmp_path / "models"
+    env = base_env(fresh_db, "q", models_dir, XAGENT_MODELS=json.dumps(specs))
+    argv = [str(BIN / "xagent-bootstrap"), "models"]
+    first = Proc("models-1", argv, env, tmp_path)
+    second: Proc | None = None
+    try:
+        wait_until(lambda: model_server.requests, timeout=60, what="the first download")
+        second = Proc("models-2", argv, env, tmp_path)
+        waiting = second  # for the closure's type
+        wait_until(
+            lambda: (
+                "another bootstrap on this host" in waiting.log()
+                or len(model_server.requests) > 1
+                or waiting.popen.poll() is not None
+            ),
+            timeout=60,
+            what="the second run to wait or download",
+        )
+        assert len(model_server.requests) == 1, model_server.requests
+        model_server.resume()
+        assert first.popen.wait(60) == 0, first.log()
+        assert second.popen.wait(60) == 0, second.log()
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+    assert sorted((r.path, r.range) for r in model_server.requests) == [
+        ("big.bin", None),
+        ("small.bin", None),
+    ]
+    assert "models: big.bin downloaded, small.bin downloaded" in first.log()
+    assert "models: big.bin present, small.bin present" in second.log()
+    assert (models_dir / "big.bin").read_bytes() == big
 
 
 def test_models_step_wrong_checksum_fails(

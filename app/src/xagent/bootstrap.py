@@ -3,8 +3,13 @@
 Steps: ``migrate`` (Alembic), ``models`` (host-local downloads), ``tools`` (registry upsert),
 ``root-user`` (admin account), ``all`` (= all four, in that order). Every step is idempotent.
 Cluster-wide steps (migrate, tools, root-user) hold a PostgreSQL advisory lock, so bootstraps
-started on several hosts at once run them one after another. Each invocation records one
-``bootstrap_runs`` row. On failure the command exits non-zero with a one-line cause on stderr.
+started on several hosts at once run them one after another. Before the first of them the
+command waits for PostgreSQL (up to ``XAGENT_BOOTSTRAP_WAIT_SECONDS``). Each invocation records
+one ``bootstrap_runs`` row. On failure the command exits non-zero with a one-line cause on
+stderr.
+
+``xagent-bootstrap schema`` prints this code's migrations as JSON (no settings, no database);
+see :mod:`xagent.schema`.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import json
 import os
 import secrets
 import sys
@@ -22,14 +28,13 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from importlib.resources import files
 from typing import Any
 
 from sqlalchemy import Text, cast, func, insert, inspect, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from xagent import db, models
+from xagent import db, models, pgwait, schema
 from xagent.settings import Settings, SettingsError, load_settings
 from xagent.tools import REGISTRY
 
@@ -113,7 +118,7 @@ def _alembic_upgrade(sync_conn: Any) -> None:
     from alembic.config import Config
 
     cfg = Config()
-    cfg.set_main_option("script_location", str(files("xagent") / "migrations"))
+    cfg.set_main_option("script_location", schema.script_location())
     cfg.attributes["connection"] = sync_conn
     command.upgrade(cfg, "head")
 
@@ -126,16 +131,44 @@ def _current_revision(sync_conn: Any) -> str | None:
 
 
 async def step_migrate(engine: AsyncEngine, settings: Settings) -> None:
+    try:
+        code = schema.load_revisions()
+    except schema.SchemaError as exc:
+        raise BootstrapError(f"migrate: {exc}") from None
+    head = code[0].revision if code else None
     async with cluster_lock(engine) as conn:
         before = await conn.run_sync(_current_revision)
+        if before is not None and before not in {rev.revision for rev in code}:
+            # A newer release migrated the database (this is a rollback): Alembic cannot
+            # even locate that revision; the recorded history says if this code may run.
+            recorded = await schema.read_history(conn)
+            await conn.commit()
+            try:
+                chain = schema.check_ahead(before, code, recorded)
+            except schema.SchemaError as exc:
+                raise BootstrapError(f"migrate: {exc}") from None
+            # and no history written: the newer release's rows know more than this code
+            say(f"migrate: {schema.ahead_message(before, head, chain)}")
+            return
         await conn.run_sync(_alembic_upgrade)
-        await conn.commit()
         after = await conn.run_sync(_current_revision)
+        # same transaction as the upgrade: a recorded revision is always an applied one
+        recorded_rows = await schema.record_history(conn, code)
         await conn.commit()
     if before == after:
         say(f"migrate: schema at {after}, nothing to do")
     else:
         say(f"migrate: schema upgraded {before} -> {after}")
+    if recorded_rows:
+        say(f"migrate: recorded {recorded_rows} revision(s) in {schema.HISTORY_TABLE}")
+
+
+async def wait_for_database(engine: AsyncEngine, settings: Settings, step: str) -> None:
+    """Before the first step that needs PostgreSQL (at boot it may not be up yet)."""
+    try:
+        await pgwait.wait_for_database(engine, settings.bootstrap_wait_seconds, out=say)
+    except pgwait.DatabaseUnavailable as exc:
+        raise BootstrapError(f"{step}: {exc}") from None
 
 
 async def step_models(settings: Settings) -> None:
@@ -256,11 +289,17 @@ async def run_steps(settings: Settings, steps: Sequence[str]) -> None:
     label = ",".join(steps)
     engine = db.make_engine(settings, pool_size=2)
     run_id: int | None = None
+    database_seen = False
+    database_failed = False  # waited in vain: recording the failure would only wait again
     try:
         for step in steps:
             t0 = time.monotonic()
             say(f"step {step}: start")
             try:
+                if step in CLUSTER_STEPS and not database_seen:
+                    database_failed = True
+                    await wait_for_database(engine, settings, step)
+                    database_seen, database_failed = True, False
                 if step == "migrate":
                     await step_migrate(engine, settings)
                 elif step == "models":
@@ -285,7 +324,7 @@ async def run_steps(settings: Settings, steps: Sequence[str]) -> None:
         if run_id is not None:
             await _record_end(engine, run_id, None)
     except BootstrapError as exc:
-        if run_id is None:
+        if run_id is None and not database_failed:
             try:
                 if await _has_runs_table(engine):
                     run_id = await _record_start(engine, settings, label, started)
@@ -311,17 +350,30 @@ def parse_steps(names: Sequence[str]) -> list[str]:
     return [step for step in STEPS if step in chosen]
 
 
+def print_schema() -> int:
+    """``xagent-bootstrap schema``: this code's migrations as JSON, head first (no settings,
+    no database: the deploy runs it on every installed release)."""
+    try:
+        revisions = schema.load_revisions()
+    except schema.SchemaError as exc:
+        print(f"xagent-bootstrap: error: schema: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(json.dumps(schema.schema_document(revisions), indent=2), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="xagent-bootstrap",
         description="One-time setup before the xagent services start (idempotent).",
+        epilog="`xagent-bootstrap schema` prints the migrations as JSON (head first) and exits.",
     )
     parser.add_argument(
         "steps",
         nargs="*",
         default=["all"],
         metavar="STEP",
-        help=f"all (default) or any of: {', '.join(STEPS)}",
+        help=f"all (default) or any of: {', '.join(STEPS)}; or schema alone",
     )
     parser.add_argument(
         "--check-config",
@@ -329,6 +381,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only validate the settings (and credential files), then exit 0 or 1",
     )
     args = parser.parse_args(argv)
+    if "schema" in args.steps:
+        if args.steps != ["schema"] or args.check_config:
+            print(
+                "xagent-bootstrap: error: schema is a command of its own, not a step",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 1
+        return print_schema()
     if args.check_config:
         try:
             load_settings()

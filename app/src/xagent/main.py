@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from xagent import db, models, streams
 from xagent.broker import broker
+from xagent.release import RELEASE, VERSION, ReleaseHeaderMiddleware
 from xagent.settings import Settings, get_settings
 from xagent.tasks import run_agent
 from xagent.tools import REGISTRY
@@ -69,9 +70,19 @@ def _engine(request: Request) -> AsyncEngine:
     return engine
 
 
+# every response says which release answered (a probe across a release switch reads it)
+app.add_middleware(ReleaseHeaderMiddleware)
+
+
 @app.get("/healthz")
 async def healthz() -> dict[str, Any]:
-    return {"status": "ok", "host": settings.host_name, "pid": os.getpid()}
+    return {
+        "status": "ok",
+        "host": settings.host_name,
+        "pid": os.getpid(),
+        "release": RELEASE,
+        "version": VERSION,
+    }
 
 
 async def _check_database(engine: AsyncEngine) -> None:

@@ -5,6 +5,12 @@ Layout in ``models_dir`` for a model named ``NAME``:
 - ``.NAME.part``       an incomplete download, resumed with an HTTP Range request
 - ``.NAME.verified``   stamp: ``sha256 size mtime_ns`` of the verified file, so a boot does
                        not re-hash large files and /readyz can check cheaply
+- ``.lock``            flock held by the bootstrap that downloads (one per host at a time)
+
+A download is resumed (HTTP Range) as long as bytes keep arriving: it fails only when no byte
+arrived for ``stall_seconds`` across attempts, or at once on a permanent error (HTTP 4xx
+other than 408/429, a sha256 mismatch of the complete file). There is no limit on the total
+time or the number of attempts: a slow but steady link finishes.
 """
 
 from __future__ import annotations
@@ -104,10 +110,17 @@ class _Progress:
         self.started = time.monotonic()
         self.last = self.started
         self.bytes_this_run = 0
+        # The stall clock: when the file last grew beyond anything received before. Bytes
+        # that a server re-sends after ignoring Range (200 from offset 0) are no progress.
+        self.high_water = 0
+        self.last_progress = self.started
 
     def update(self, done: int, total: int | None, added: int, *, final: bool = False) -> None:
         self.bytes_this_run += added
         now = time.monotonic()
+        if done > self.high_water:
+            self.high_water = done
+            self.last_progress = now
         if not final and now - self.last < self.interval:
             return
         self.last = now
@@ -123,7 +136,13 @@ class _Progress:
 
 
 class _TransferBroken(Exception):
-    """The connection broke mid-file; the part file keeps what arrived."""
+    """A transient failure (broken connection, timeout, 5xx/408/429); the part file keeps
+    what arrived and the caller retries while bytes keep arriving."""
+
+
+# Client errors that a retry cannot fix; 408 (request timeout) and 429 (too many requests)
+# are the server asking to try again later.
+_TRANSIENT_4XX = {408, 429}
 
 
 def _open_part(part: Path, offset: int) -> IO[bytes]:
@@ -159,14 +178,17 @@ def _fetch_http(
             if offset and resp.status_code == 416:
                 # the part may already be complete: the caller verifies it
                 return _hash_prefix(part, offset).hexdigest()
-            if resp.status_code == 200:
+            status = resp.status_code
+            if status == 200:
                 offset = 0  # no Range sent, or the server ignored it: start over
-            elif resp.status_code == 206 and offset:
+            elif status == 206 and offset:
                 content_range = resp.headers.get("content-range", "")
                 if not content_range.startswith(f"bytes {offset}-"):
                     raise _TransferBroken(f"unexpected Content-Range {content_range!r}")
+            elif status >= 500 or status in _TRANSIENT_4XX:
+                raise _TransferBroken(f"HTTP {status}")
             else:
-                raise ModelError(f"{spec.name}: HTTP {resp.status_code} from {spec.url}")
+                raise ModelError(f"{spec.name}: HTTP {status} from {spec.url}")
             digest = _hash_prefix(part, offset) if offset else hashlib.sha256()
             length = resp.headers.get("content-length")
             total = offset + int(length) if length is not None else None
@@ -215,10 +237,15 @@ def _fetch_file(spec: ModelSpec, part: Path, offset: int, progress: _Progress) -
 
 
 @contextlib.contextmanager
-def _dir_lock(models_dir: Path) -> Iterator[None]:
-    """Two bootstraps on one host must not write the same part file."""
+def _dir_lock(models_dir: Path, out: Printer) -> Iterator[None]:
+    """Two bootstraps on one host (the boot unit and a release's unit) must not write the
+    same part file: the second waits, then finds the models verified."""
     with (models_dir / ".lock").open("a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            out(f"models: waiting for {models_dir / '.lock'} (another bootstrap on this host)")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -231,10 +258,14 @@ def ensure_model(
     *,
     out: Printer = print,
     progress_interval: float = 2.0,
-    retries: int = 5,
+    stall_seconds: float = 120.0,
     timeout: float = 30.0,
 ) -> str:
-    """Make ``models_dir/NAME`` present and verified. Returns "present" or "downloaded"."""
+    """Make ``models_dir/NAME`` present and verified. Returns "present" or "downloaded".
+
+    ``timeout`` bounds one network wait (connect, or the gap between two reads); a stalled
+    connection is then dropped and resumed, until no byte arrived for ``stall_seconds``.
+    """
     paths = paths_for(models_dir, spec)
     if stamp_ok(paths, spec.sha256):
         return "present"
@@ -250,28 +281,44 @@ def ensure_model(
     paths.stamp.unlink(missing_ok=True)
 
     progress = _Progress(spec.name, progress_interval, out)
-    attempt = 0
+    progress.high_water = paths.part.stat().st_size if paths.part.exists() else 0
+    idle_attempts = 0  # consecutive attempts that brought no new byte
     while True:
         offset = paths.part.stat().st_size if paths.part.exists() else 0
         if offset:
             out(f"model {spec.name}: resuming at {offset} bytes")
         else:
             out(f"model {spec.name}: downloading {spec.url}")
+        high_water_before = progress.high_water
         try:
             if spec.url.startswith("file://"):
                 digest = _fetch_file(spec, paths.part, offset, progress)
             else:
-                digest = _fetch_http(spec, paths.part, offset, progress, timeout)
+                # never wait on one read longer than the stall budget that is left
+                left = stall_seconds - (time.monotonic() - progress.last_progress)
+                wait = max(0.5, min(timeout, left))
+                digest = _fetch_http(spec, paths.part, offset, progress, wait)
             break
         except _TransferBroken as exc:
-            attempt += 1
-            if attempt > retries:
+            stalled = time.monotonic() - progress.last_progress
+            if stalled >= stall_seconds:
                 raise ModelError(
-                    f"{spec.name}: transfer broken {attempt} times, last: {exc} "
+                    f"{spec.name}: no new data for {stalled:.0f} s (stall limit "
+                    f"XAGENT_DOWNLOAD_STALL_SECONDS={stall_seconds:g}), last: {exc} "
                     f"(partial file kept for the next run)"
                 ) from None
-            out(f"model {spec.name}: transfer broken ({exc}); retry {attempt}/{retries}")
-            time.sleep(min(2**attempt * 0.25, 10))
+            if progress.high_water > high_water_before:
+                idle_attempts = 0
+                delay = 0.1  # it was moving: reconnect right away
+            else:
+                idle_attempts += 1
+                delay = min(0.5 * 2 ** (idle_attempts - 1), 10.0)
+            delay = min(delay, stall_seconds - stalled)
+            out(
+                f"model {spec.name}: transfer broken ({exc}); retrying in {delay:.1f} s "
+                f"(no new data for {stalled:.0f} of {stall_seconds:g} s)"
+            )
+            time.sleep(delay)
 
     if digest != spec.sha256:
         paths.part.unlink(missing_ok=True)
@@ -290,13 +337,13 @@ def ensure_all(settings: Settings, *, out: Printer = print) -> dict[str, str]:
     except OSError as exc:
         raise ModelError(f"{settings.models_dir}: cannot create ({exc.strerror})") from None
     results = {}
-    with _dir_lock(settings.models_dir):
+    with _dir_lock(settings.models_dir, out):
         for spec in settings.models:
             results[spec.name] = ensure_model(
                 spec,
                 settings.models_dir,
                 out=out,
                 progress_interval=settings.download_progress_seconds,
-                retries=settings.download_retries,
+                stall_seconds=settings.download_stall_seconds,
             )
     return results

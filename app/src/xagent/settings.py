@@ -228,6 +228,14 @@ class Settings(BaseSettings):
             return {}
         return {"password": self.redis_password.get_secret_value()}
 
+    # -- bootstrap limits for unattended boots and release units (a block of its own at the
+    # end of the class; fields declared after methods are still pydantic fields) ----------
+    # Seconds `xagent-bootstrap` keeps retrying an unreachable PostgreSQL (0 = one attempt).
+    bootstrap_wait_seconds: float = Field(default=900.0, ge=0)
+    # A model download fails when no new byte arrived for this long, across resumed
+    # attempts. It replaces download_retries (above: still accepted, no longer used).
+    download_stall_seconds: float = Field(default=120.0, gt=0)
+
 
 def _read_credentials(directory: str) -> dict[str, str]:
     found: dict[str, str] = {}

@@ -14,6 +14,9 @@ revision: str = ${repr(up_revision)}
 down_revision: str | None = ${repr(down_revision)}
 branch_labels: str | None = None
 depends_on: str | None = None
+# True only if the code of down_revision still works on the schema after this migration
+# (expand-only: new nullable columns, new tables, new indexes). See app/README.md.
+backward_compatible = False
 
 
 def upgrade() -> None:

@@ -14,6 +14,8 @@ revision: str = "0001"
 down_revision: str | None = None
 branch_labels: str | None = None
 depends_on: str | None = None
+# There is no older code to keep working: the first schema.
+backward_compatible = False
 
 _TZ = sa.DateTime(timezone=True)
 

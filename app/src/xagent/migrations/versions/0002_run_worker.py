@@ -14,6 +14,8 @@ revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | None = None
 depends_on: str | None = None
+# Two new nullable columns: code from 0001 names its columns and never sees them.
+backward_compatible = True
 
 
 def upgrade() -> None:
