@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from xagent import db, models
+from xagent import db, models, streams
 from xagent.broker import broker
 from xagent.release import RELEASE, VERSION, ReleaseHeaderMiddleware
 from xagent.settings import Settings, get_settings
@@ -188,3 +188,18 @@ async def list_ticks(request: Request, limit: int = 50) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+
+
+@app.get("/queue")
+async def queue_stats(request: Request) -> JSONResponse:
+    """The task stream: length, lag (not yet delivered), pending (delivered, not acked),
+    consumers (``<host>-<pid>``, pending, idle ms). 503 when Redis does not answer."""
+    try:
+        body = await asyncio.wait_for(
+            streams.stats(request.app.state.redis, settings.queue_name, settings.queue_name),
+            timeout=5,
+        )
+    except Exception as exc:
+        reason = f"redis: {type(exc).__name__}: {exc}".splitlines()[0]
+        return JSONResponse({"error": reason}, status_code=503)
+    return JSONResponse(body)
