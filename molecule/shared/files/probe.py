@@ -91,6 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ids: list[str] = []
     body = args.body.encode() if args.body is not None else None
     started = time.monotonic()
+    wall0 = time.time()
 
     async def fire(scheduled: float) -> None:
         outcome, release, answer = await one_request(
@@ -109,7 +110,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 except (ValueError, KeyError, TypeError):
                     outcomes["ok-without-id"] += 1
         elif len(failures) < 50:
-            failures.append({"at": round(scheduled - started, 3), "outcome": outcome})
+            failures.append(
+                {
+                    "at": round(scheduled - started, 3),
+                    "wall": time.strftime("%H:%M:%S", time.gmtime(wall0 + scheduled - started)),
+                    "outcome": outcome,
+                }
+            )
 
     tasks: set[asyncio.Task[None]] = set()
     interval = 1.0 / args.rate
@@ -144,6 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sent = sum(outcomes.values())
     return {
         "url": args.url,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wall0)),
         "rate": args.rate,
         "seconds": round(time.monotonic() - started, 1),
         "sent": sent,
