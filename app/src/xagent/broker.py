@@ -279,7 +279,8 @@ class _ReleaseAfterExecution(TaskiqMiddleware):
 
 
 class _Heartbeat(threading.Thread):
-    """Every heartbeat interval: reset the idle time of the held entries still ours."""
+    """Every heartbeat interval: refresh this consumer's liveness key, and reset the idle
+    time of the held entries still ours."""
 
     def __init__(self, broker: XagentStreamBroker) -> None:
         super().__init__(name="xagent-stream-heartbeat", daemon=True)
@@ -299,8 +300,16 @@ class _Heartbeat(threading.Thread):
             **settings.redis_kwargs(),
         )
         script = client.register_script(streams.HEARTBEAT_LUA)
+        alive = streams.alive_key(self.broker.queue_name, self.broker.consumer_name)
+        alive_ttl = max(int(3 * self.broker.heartbeat_seconds), 15)
         try:
-            while not self._stop_event.wait(self.broker.heartbeat_seconds):
+            while True:
+                try:
+                    client.set(alive, str(int(time.time())), ex=alive_ttl)
+                except redis.RedisError as exc:
+                    log.warning("consumer liveness key not refreshed (%s); retrying", exc)
+                if self._stop_event.wait(self.broker.heartbeat_seconds):
+                    break
                 held = self.broker.held()
                 if not held:
                     continue
@@ -324,6 +333,8 @@ class _Heartbeat(threading.Thread):
                     # loses the run lease; its result is not written)
                     self.broker.release(entry_id)
         finally:
+            with contextlib.suppress(redis.RedisError):
+                client.delete(alive)
             client.close()
 
 

@@ -8,9 +8,9 @@ Run it with the settings and credentials of the units (same environment file,
 ``$CREDENTIALS_DIRECTORY`` with ``redis_password``). Checks retry until they pass or the
 timeout ends. Exit 0 with one line on stdout when ready; exit 1 with one line on stderr.
 
-- ``receivers``: at least N consumers named ``<H>-<pid>`` read the stream within the last
-  ``--recent`` seconds, and a ``xagent.ping`` task sent now was executed by some receiver
-  and its result came back.
+- ``receivers``: at least N consumers named ``<H>-<pid>`` are alive (their process
+  refreshed its liveness key within the last ``--recent`` seconds), and a ``xagent.ping``
+  task sent now was executed by some receiver and its result came back.
 - ``scheduler``: some scheduler holds the lease and renewed it recently (prints the holder).
 - ``queue``: the stream's statistics as JSON (as ``GET /queue``).
 """
@@ -44,11 +44,27 @@ def _client(settings: Settings) -> aioredis.Redis:
 async def _live_consumers(
     client: aioredis.Redis, settings: Settings, host: str, recent: float
 ) -> tuple[list[str], list[str]]:
-    """(names of host's consumers seen within ``recent`` s, names of all of host's)."""
+    """(names of host's consumers alive within ``recent`` s, names of all of host's known).
+
+    Alive: the receiver child refreshed its liveness key (its heartbeat thread) within
+    ``recent`` s. XINFO CONSUMERS cannot tell (see streams.alive_key): on Redis 7.0 a
+    consumer shows up there only once it received an entry, and its idle time grows while
+    it waits on an empty stream."""
     info = await streams.stats(client, settings.queue_name, settings.queue_name)
-    mine = [c for c in info["consumers"] if c["host"] == host]
-    live = [c["name"] for c in mine if c["idle_ms"] <= recent * 1000]
-    return live, [c["name"] for c in mine]
+    known = {c["name"] for c in info["consumers"] if c["host"] == host}
+    prefix = streams.alive_key(settings.queue_name, "")
+    live = []
+    now = time.time()
+    async for key in client.scan_iter(match=f"{prefix}{host}-*", count=1000):
+        name = (key.decode() if isinstance(key, bytes) else str(key))[len(prefix) :]
+        parsed = streams.parse_consumer(name)
+        if parsed is None or parsed[0] != host:
+            continue  # another host whose name starts with this one
+        known.add(name)
+        stamp = await client.get(key)
+        if stamp is not None and now - int(stamp) <= recent:
+            live.append(name)
+    return sorted(live), sorted(known)
 
 
 async def check_receivers(
@@ -89,8 +105,8 @@ async def check_receivers(
         if len(live) < minimum:
             others = [name for name in known if name not in live]
             problems.append(
-                f"{len(live)} of {minimum} consumer(s) of {host} read the stream in the last "
-                f"{recent:g} s" + (f" (idle longer: {', '.join(others)})" if others else "")
+                f"{len(live)} of {minimum} consumer(s) of {host} alive in the last "
+                f"{recent:g} s" + (f" (not alive: {', '.join(others)})" if others else "")
             )
         if answer is None:
             problems.append(f"no receiver answered a ping within {timeout:g} s")

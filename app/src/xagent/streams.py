@@ -27,6 +27,15 @@ def consumer_name(host: str, pid: int | None = None) -> str:
     return f"{host}-{os.getpid() if pid is None else pid}"
 
 
+def alive_key(stream: str, consumer: str) -> str:
+    """Key a consuming receiver child keeps refreshed (with a TTL) while it runs.
+
+    XINFO CONSUMERS cannot tell a live reader from a dead one on Redis 7.0: a blocking
+    XREADGROUP that returns nothing does not refresh the consumer's idle time, so an idle
+    but healthy receiver looks as old as a killed one."""
+    return f"{stream}:alive:{consumer}"
+
+
 def parse_consumer(name: str) -> tuple[str, int] | None:
     """``(host, pid)`` of a receiver's consumer name, None for other consumers."""
     host, _, pid = name.rpartition("-")
