@@ -31,6 +31,8 @@ from typing import Any
 import redis
 import taskiq_fastapi
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -50,6 +52,18 @@ _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _Fields = dict[bytes, bytes]
 
 
+def async_retry_kwargs() -> dict[str, Any]:
+    """Connection arguments of the async clients: a pooled connection that Redis closed (a
+    restart, a failover) fails when it is next used; redis-py's default is not to retry, so
+    the request that drew it would fail (503 on POST /runs) although Redis is back. Retried
+    on a new connection instead, a few times with a short backoff. A retried XADD may add a
+    message twice; a run executes once anyway (run lease)."""
+    return {
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.1), 3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+    }
+
+
 class XagentStreamBroker(RedisStreamBroker):
     """RedisStreamBroker with heartbeats, periodic reclaim, group recovery and a clean leave."""
 
@@ -65,6 +79,7 @@ class XagentStreamBroker(RedisStreamBroker):
             # redis-py's default socket timeout (5 s) bounds reads and sends; bound connecting
             socket_connect_timeout=5,
             socket_keepalive=True,
+            **async_retry_kwargs(),
             **settings.redis_kwargs(),
         )
         self.settings = settings
@@ -344,6 +359,7 @@ def make_broker(settings: Settings) -> XagentStreamBroker:
         redis_url=settings.redis_url,
         result_ex_time=settings.result_ttl_seconds,
         prefix_str=f"{settings.queue_name}:result",
+        **async_retry_kwargs(),
         **settings.redis_kwargs(),
     )
     return XagentStreamBroker(settings).with_result_backend(result_backend)

@@ -23,7 +23,7 @@ from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from xagent import db, models, streams
-from xagent.broker import broker
+from xagent.broker import async_retry_kwargs, broker
 from xagent.release import RELEASE, VERSION, ReleaseHeaderMiddleware
 from xagent.settings import Settings, get_settings
 from xagent.tasks import run_agent
@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Per-process resources only; entered by every gunicorn worker and every receiver."""
     engine = db.make_engine(settings)
-    redis_client = aioredis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    redis_client = aioredis.Redis.from_url(
+        settings.redis_url, **async_retry_kwargs(), **settings.redis_kwargs()
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.redis = redis_client
