@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -75,6 +77,7 @@ def base_env(db_url: str, queue: str, models_dir: Path, **extra: str) -> dict[st
         {
             "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
             "PYTHONUNBUFFERED": "1",
+            "PYTHONFAULTHANDLER": "1",
             "PROMETHEUS_MULTIPROC_DIR": str(models_dir.parent / "prometheus"),
             "XAGENT_DATABASE_URL": db_url,
             "XAGENT_REDIS_URL": TEST_REDIS_URL,
@@ -106,7 +109,14 @@ def run_bootstrap(
 class Proc:
     """A CLI started in its own session (so the whole process group can be signalled)."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        preexec_fn: Callable[[], Any] | None = None,
+    ) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
         self._log = self.log_path.open("wb")
@@ -117,6 +127,7 @@ class Proc:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=preexec_fn,
         )
 
     @property
@@ -145,8 +156,15 @@ class Proc:
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # hung: faulthandler (PYTHONFAULTHANDLER) writes every thread's stack to the
+                # log on SIGABRT, so the failure shows where it hung
+                with contextlib.suppress(ProcessLookupError):
+                    self.popen.send_signal(signal.SIGABRT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.popen.wait(2)
         # whatever is left of the group (children) is killed
         self.signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -164,8 +182,14 @@ class Stack:
         self.procs: list[Proc] = []
         self.base_url = ""
 
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
-        proc = Proc(name, argv, env or self.env, self.log_dir)
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], Any] | None = None,
+    ) -> Proc:
+        proc = Proc(name, argv, env or self.env, self.log_dir, preexec_fn)
         self.procs.append(proc)
         return proc
 
@@ -225,11 +249,24 @@ class Stack:
             wait_for_receiver(proc, workers)
         return proc
 
-    def scheduler(self, env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+    def scheduler(
+        self,
+        *extra: str,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+        preexec_fn: Callable[[], Any] | None = None,
+    ) -> Proc:
         proc = self.start(
             "scheduler",
-            [str(BIN / "taskiq"), "scheduler", "xagent.scheduler:scheduler", "xagent.tasks"],
+            [
+                str(BIN / "taskiq"),
+                "scheduler",
+                "xagent.scheduler:scheduler",
+                "xagent.tasks",
+                *extra,
+            ],
             env,
+            preexec_fn,
         )
         if wait:
             proc.wait_for_log(r"Startup completed", timeout=30)
@@ -238,6 +275,49 @@ class Stack:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop(signal.SIGINT if proc.name == "scheduler" else signal.SIGTERM)
+
+
+def check(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run ``xagent-check ARGS`` with the stack's settings."""
+    return subprocess.run(
+        [str(BIN / "xagent-check"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A private, empty redis-server on 127.0.0.1 (tests that stop and start Redis)."""
+
+    def __init__(self, port: int, log_dir: Path) -> None:
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.log_dir = log_dir
+        self.proc: Proc | None = None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.skip("redis-server not installed")
+        argv = [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--save", ""]
+        argv += ["--appendonly", "no", "--dir", str(self.log_dir)]
+        self.proc = Proc("redis", argv, dict(os.environ), self.log_dir)
+        self.proc.wait_for_log(r"Ready to accept connections", timeout=20)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(signal.SIGKILL)
+            self.proc = None
 
 
 def wait_for_receiver(proc: Proc, workers: int, timeout: float = 40) -> None:
@@ -307,6 +387,14 @@ def queue_name(services: None) -> Iterator[str]:
     keys = list(client.scan_iter(f"{name}*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private Redis (not started yet: ``.start()``); stopped afterwards."""
+    server = RedisServer(free_port(), tmp_path)
+    yield server
+    server.stop()
 
 
 @pytest.fixture

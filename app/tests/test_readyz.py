@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import Stack, base_env, run_bootstrap
+from conftest import RedisServer, Stack, base_env, run_bootstrap
 
 
 def test_readyz_is_503_until_models_exist(
@@ -65,3 +65,24 @@ def test_readyz_is_503_when_redis_is_down(
 
 def _web_without_broker_startup(stack: Stack, env: dict[str, str]) -> str:
     return stack.web(env=env)
+
+
+def test_runs_are_accepted_right_after_redis_restarts(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+    redis_server: RedisServer,
+) -> None:
+    """Pooled connections that a Redis restart closed are retried on a new connection: the
+    first enqueue after the restart succeeds instead of answering 503."""
+    redis_server.start()
+    env = base_env(session_db, queue_name, tmp_path / "models", XAGENT_REDIS_URL=redis_server.url)
+    base_url = stack_factory(env).web()
+    run = {"tool": "sleep", "args": {"seconds": 1}}
+    with httpx.Client(base_url=base_url, timeout=10) as client:
+        assert [client.post("/runs", json=run).status_code for _ in range(3)] == [202] * 3
+        redis_server.stop()
+        redis_server.start()
+        after = [client.post("/runs", json=run) for _ in range(5)]
+    assert [r.status_code for r in after] == [202] * 5, [r.text for r in after]

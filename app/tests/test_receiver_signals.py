@@ -1,8 +1,11 @@
-"""Receivers under signals: SIGKILL mid-task (redelivery) and SIGTERM (graceful stop)."""
+"""Receivers as real `taskiq worker` processes: SIGKILL mid-task (redelivery on a quiet
+queue), heartbeats (no reclaim of held entries), SIGTERM (graceful stop, hand-over, the
+consumer leaves), a lost stream (group recreated at id 0)."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import signal
 import sys
 import time
@@ -11,8 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import redis
 
-from conftest import Stack, base_env, sql, wait_for_receiver, wait_until
+from conftest import TEST_REDIS_URL, Stack, base_env, sql, wait_until
+from xagent import streams
 
 
 def _status(db_url: str, run_id: str) -> tuple[str, int]:
@@ -27,7 +32,7 @@ def _start_sleep_run(base_url: str, seconds: float) -> str:
     return run_id
 
 
-def test_sigkilled_receiver_task_is_redelivered(
+def test_sigkilled_receivers_run_is_redelivered_on_a_quiet_queue(
     session_db: str,
     queue_name: str,
     tmp_path: Path,
@@ -43,7 +48,6 @@ def test_sigkilled_receiver_task_is_redelivered(
     stack = stack_factory(env)
     base_url = stack.web()
     doomed = stack.receiver(1)
-    # shorter than the idle timeout: longer tasks get a parallel second execution
     run_id = _start_sleep_run(base_url, 1.5)
     wait_until(lambda: _status(session_db, run_id)[0] == "running", what="run to start")
 
@@ -51,15 +55,121 @@ def test_sigkilled_receiver_task_is_redelivered(
     doomed.popen.wait(5)
     assert _status(session_db, run_id) == ("running", 1)
 
-    # a new receiver plus the scheduler's reclaim keep-alive: the stale pending message is
-    # claimed once it has been idle for XAGENT_STREAM_IDLE_TIMEOUT_MS
-    replacement = stack.receiver(1, wait=False)
-    stack.scheduler()
-    wait_for_receiver(replacement, 1)
-    wait_until(lambda: _status(session_db, run_id)[0] == "done", timeout=30, what="redelivered run")
+    # no scheduler and no other traffic: the new receiver's periodic reclaim finds the entry
+    # once it has been idle for XAGENT_STREAM_IDLE_TIMEOUT_MS; the dead run's lease (half of
+    # it) has expired by then, so the new execution takes the run over
+    replacement = stack.receiver(1)
+    wait_until(lambda: _status(session_db, run_id)[0] == "done", timeout=30, what="redelivery")
     assert _status(session_db, run_id) == ("done", 2)
     body = httpx.get(f"{base_url}/runs/{run_id}").json()
     assert body["result"] == {"slept": 1.5}
+    assert "reclaimed 1 stream entries idle > 3000 ms" in replacement.log()
+
+
+def test_held_entries_are_not_reclaimed_while_running_or_waiting(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    """Runs longer than the idle timeout, and runs fetched in a batch that wait for a slot
+    longer than it, keep their entries (heartbeat): executed once, never reclaimed."""
+    env = base_env(
+        session_db,
+        queue_name,
+        tmp_path / "models",
+        XAGENT_STREAM_IDLE_TIMEOUT_MS="3000",
+        XAGENT_RECLAIM_INTERVAL_SECONDS="1",
+    )
+    stack = stack_factory(env)
+    base_url = stack.web()
+    # queued before any receiver: the first to read fetches both in one batch and runs them
+    # one after the other (--max-async-tasks 1); the other one reclaims every second
+    run_ids = [_start_sleep_run(base_url, 4) for _ in range(2)]
+    first = stack.receiver(1, "--max-async-tasks", "1", wait=False)
+    second = stack.receiver(1, "--max-async-tasks", "1", wait=False)
+    wait_until(
+        lambda: all(_status(session_db, r)[0] == "done" for r in run_ids),
+        timeout=60,
+        what="both runs",
+    )
+    assert [_status(session_db, r) for r in run_ids] == [("done", 1)] * 2
+    for proc in (first, second):
+        assert "reclaimed" not in proc.log(), proc.log()[-3000:]
+        assert "lease held by" not in proc.log()
+
+
+def test_clean_stop_hands_waiting_entries_over_and_leaves_the_group(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    # two minutes: an entry left with a stopped consumer would wait that long
+    env = base_env(
+        session_db, queue_name, tmp_path / "models", XAGENT_STREAM_IDLE_TIMEOUT_MS="120000"
+    )
+    stack = stack_factory(env)
+    base_url = stack.web()
+    run_ids = [_start_sleep_run(base_url, 2) for _ in range(3)]
+    leaving = stack.receiver(1, "--max-async-tasks", "1")
+    wait_until(lambda: _status(session_db, run_ids[0])[0] == "running", what="first run")
+    consumers = _consumers(queue_name)
+    assert len(consumers) == 1
+    assert re.fullmatch(r"testhost-\d+", consumers[0])
+
+    leaving.popen.send_signal(signal.SIGTERM)
+    assert leaving.popen.wait(30) == 0, leaving.log()[-3000:]
+    moved = int(
+        leaving.wait_for_log(r"left group \S+ \((\d+) pending entries handed over").group(1)
+    )
+    assert moved >= 1  # fetched in its batch, not started
+    assert _consumers(queue_name) == [streams.HANDOVER_CONSUMER]
+    assert _status(session_db, run_ids[0]) == ("done", 1)  # the running one finished
+
+    # the next receiver's first reclaim pass takes them: no waiting for the idle timeout
+    taking = stack.receiver(1)
+    wait_until(
+        lambda: all(_status(session_db, r)[0] == "done" for r in run_ids),
+        timeout=60,
+        what="handed-over runs",
+    )
+    assert f"reclaimed {moved} stream entries" in taking.log()
+    assert [_status(session_db, r)[1] for r in run_ids] == [1, 1, 1]
+
+
+def test_group_lost_with_the_stream_is_recreated_at_zero(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    env = base_env(session_db, queue_name, tmp_path / "models")
+    stack = stack_factory(env)
+    base_url = stack.web()
+    receiver = stack.receiver(1)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+
+    # Redis loses the stream while a receiver listens; the web adds a run (a new stream
+    # without a group): the receiver recreates the group at id 0 and gets the run
+    client.delete(queue_name)
+    run_id = _start_sleep_run(base_url, 0)
+    wait_until(lambda: _status(session_db, run_id)[0] == "done", timeout=30, what="first run")
+    assert "consumer group missing" in receiver.log()
+
+    # lost again while no receiver runs: the next receiver's group starts at 0 as well
+    assert receiver.stop(signal.SIGTERM) == 0
+    client.delete(queue_name)
+    run_id = _start_sleep_run(base_url, 0)
+    assert client.xlen(queue_name) == 1
+    assert not client.xinfo_groups(queue_name)
+    stack.receiver(1)
+    wait_until(lambda: _status(session_db, run_id)[0] == "done", timeout=30, what="second run")
+
+
+def _consumers(queue: str) -> list[str]:
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    return sorted(c["name"].decode() for c in client.xinfo_consumers(queue, queue))
 
 
 def test_sigterm_finishes_in_flight_task_and_exits_quickly(
@@ -88,3 +198,6 @@ def test_sigterm_finishes_in_flight_task_and_exits_quickly(
     # both children exited by themselves (no leftovers to kill)
     log = receiver.log()
     assert log.count("Stopped process worker-") == 2, log[-3000:]
+    # each child deleted its consumer (nothing left to hand over)
+    assert log.count("pending entries handed over") == 2
+    assert _consumers(queue_name) == []

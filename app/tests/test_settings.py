@@ -32,9 +32,28 @@ def test_defaults_and_driver(env: pytest.MonkeyPatch) -> None:
     assert settings.models == []
     assert settings.root_username == "root"
     assert settings.tick_cron == "* * * * *"
-    assert settings.stream_maxlen > 0
-    assert settings.stream_idle_timeout_ms == 600_000
     assert settings.host_name
+    # production defaults of the delivery guarantees: a dead receiver's run is taken over
+    # within about a minute; the lease fits in the idle timeout, heartbeats fit in the lease
+    assert settings.stream_idle_timeout_ms == 60_000
+    assert settings.reclaim_interval_seconds == 10
+    assert settings.run_lease_seconds == 30
+    assert settings.heartbeat_seconds == 10
+    assert settings.run_stuck_seconds == 300
+    assert settings.run_max_attempts == 5
+    assert settings.scheduler_lease_seconds == 15
+
+
+def test_run_lease_and_heartbeat_follow_the_idle_timeout(env: pytest.MonkeyPatch) -> None:
+    env.setenv("XAGENT_STREAM_IDLE_TIMEOUT_MS", "3000")
+    settings = load_settings()
+    assert settings.run_lease_seconds == 1.5
+    assert settings.heartbeat_seconds == 0.5
+    assert settings.run_stuck_seconds == 300
+    env.setenv("XAGENT_STREAM_IDLE_TIMEOUT_MS", "600000")
+    settings = load_settings()
+    assert (settings.run_lease_seconds, settings.heartbeat_seconds) == (300, 10)
+    assert settings.run_stuck_seconds == 1200
 
 
 def test_models_json(env: pytest.MonkeyPatch) -> None:
@@ -65,8 +84,16 @@ def test_models_json(env: pytest.MonkeyPatch) -> None:
         ("XAGENT_MODELS", '[{"name": "x", "url": "file:///x", "sha256": "12"}]', "64 hex"),
         ("XAGENT_DATABASE_URL", "mysql://h/db", "XAGENT_DATABASE_URL: must be a postgresql"),
         ("XAGENT_REDIS_URL", "http://h", "XAGENT_REDIS_URL: must be a redis://"),
-        ("XAGENT_STREAM_MAXLEN", "lots", "XAGENT_STREAM_MAXLEN: Input should be a valid integer"),
+        ("XAGENT_RUN_MAX_ATTEMPTS", "lots", "XAGENT_RUN_MAX_ATTEMPTS: Input should be a valid"),
         ("XAGENT_STREAM_IDLE_TIMEOUT_MS", "5", "XAGENT_STREAM_IDLE_TIMEOUT_MS: Input should be"),
+        (
+            "XAGENT_RUN_LEASE_SECONDS",
+            "60",
+            "XAGENT_RUN_LEASE_SECONDS: must be shorter than the stream idle timeout (60 s",
+        ),
+        ("XAGENT_HEARTBEAT_SECONDS", "20", "XAGENT_HEARTBEAT_SECONDS: must be at most half"),
+        ("XAGENT_RUN_STUCK_SECONDS", "30", "XAGENT_RUN_STUCK_SECONDS: must be longer than"),
+        ("XAGENT_SCHEDULER_LEASE_SECONDS", "0", "XAGENT_SCHEDULER_LEASE_SECONDS: Input should"),
         ("XAGENT_TICK_CRON", "* * *", "XAGENT_TICK_CRON: must be a 5-field cron"),
     ],
 )

@@ -1,4 +1,5 @@
-"""The whole app as deployed: gunicorn web, two receivers, one scheduler (real CLIs)."""
+"""The whole app as deployed: gunicorn web, two receivers, one scheduler (real CLIs, the
+scheduler with the production unit's flags)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,15 @@ import httpx
 import pytest
 import redis
 
-from conftest import TEST_REDIS_URL, Stack, base_env, sql, wait_for_receiver, wait_until
+from conftest import (
+    TEST_REDIS_URL,
+    Stack,
+    base_env,
+    check,
+    sql,
+    wait_for_receiver,
+    wait_until,
+)
 
 TICK_INTERVAL = 2
 
@@ -33,13 +42,15 @@ def stack(session_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         XAGENT_TICK_CRON="* * * * *",
         XAGENT_TICK_INTERVAL_SECONDS=str(TICK_INTERVAL),
         XAGENT_RECLAIM_INTERVAL_SECONDS="5",
+        XAGENT_HEARTBEAT_SECONDS="1",
     )
     sql(session_db, "DELETE FROM ticks")
     st = Stack(env, tmp)
     try:
         st.web(workers=2)
         receivers = [st.receiver(2, wait=False), st.receiver(2, wait=False)]
-        scheduler = st.scheduler(wait=False)
+        # the flags of the production unit (no longer needed: the leader loop ignores it)
+        scheduler = st.scheduler("--skip-first-run", wait=False)
         for proc in receivers:
             wait_for_receiver(proc, 2)
         scheduler.wait_for_log(r"Startup completed", timeout=30)
@@ -102,6 +113,23 @@ def test_run_with_bad_arguments_fails_cleanly(stack: Stack) -> None:
     body = _wait_run(stack.base_url, resp.json()["id"])
     assert body["status"] == "failed"
     assert "missing argument 'text'" in str(body["error"])
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ({"op": "pow", "a": -8, "b": 0.5}, "pow(-8, 0.5): math domain error"),
+        ({"op": "mul", "a": 1e308, "b": 10}, "mul(1e+308, 10) is not a finite number"),
+    ],
+)
+def test_runs_that_used_to_stay_running_fail_with_the_reason(
+    stack: Stack, args: dict[str, object], error: str
+) -> None:
+    resp = httpx.post(f"{stack.base_url}/runs", json={"tool": "calculator", "args": args})
+    assert resp.status_code == 202
+    body = _wait_run(stack.base_url, resp.json()["id"])
+    assert (body["status"], body["error"], body["attempts"]) == ("failed", error, 1)
+    assert body["finished_at"] is not None
 
 
 def test_unknown_tool_and_run_are_rejected(stack: Stack) -> None:
@@ -167,15 +195,15 @@ def test_tools_endpoint_lists_registry(stack: Stack) -> None:
 
 def _sends(log: str, schedule_id: str) -> int:
     return len(
-        re.findall(rf"Sending task xagent\.record_tick with schedule_id {schedule_id}\.", log)
+        re.findall(rf"Sent task xagent\.record_tick with schedule_id {schedule_id} for ", log)
     )
 
 
-def test_interval_ticks_run_once_each_with_two_receivers(stack: Stack) -> None:
+def test_interval_ticks_each_once_none_skipped_with_two_receivers(stack: Stack) -> None:
     db_url = stack.env["XAGENT_DATABASE_URL"]
     scheduler = next(p for p in stack.procs if p.name == "scheduler")
     query = (
-        "SELECT scheduled_for, count(*) AS n, min(pid) AS pid FROM ticks "
+        "SELECT scheduled_for, count(*) AS n FROM ticks "
         "WHERE schedule_id = 'xagent-tick-interval' GROUP BY scheduled_for ORDER BY 1"
     )
     wait_until(lambda: len(sql(db_url, query)) >= 4, timeout=30, what="4 interval ticks")
@@ -188,11 +216,11 @@ def test_interval_ticks_run_once_each_with_two_receivers(stack: Stack) -> None:
 
     wait_until(settled, timeout=10, interval=0.3, what="tick rows == scheduler sends")
     rows = sql(db_url, query)
-    assert all(r["n"] == 1 for r in rows), rows
-    times = [r["scheduled_for"] for r in rows]
-    gaps = {round((b - a).total_seconds()) for a, b in itertools.pairwise(times)}
-    # distinct ticks about TICK_INTERVAL apart (a loaded machine may delay a send a little)
-    assert all(1 <= gap <= TICK_INTERVAL + 3 for gap in gaps), gaps
+    assert all(r["n"] == 1 for r in rows), rows  # four receiver processes, one row each
+    gaps = {
+        (b - a).total_seconds() for a, b in itertools.pairwise(r["scheduled_for"] for r in rows)
+    }
+    assert gaps == {TICK_INTERVAL}, gaps  # every tick, none skipped (late ones are caught up)
 
 
 def test_ticks_endpoint(stack: Stack) -> None:
@@ -202,27 +230,67 @@ def test_ticks_endpoint(stack: Stack) -> None:
     assert ticks == sorted(ticks, key=lambda t: t["scheduled_for"], reverse=True)
 
 
-def test_cron_tick_runs_once_per_minute_with_two_receivers(stack: Stack) -> None:
-    """The cron schedule (``* * * * *``; taskiq also fires it when the scheduler starts)
-    produces exactly one row per tick minute although four receiver processes listen."""
+def test_cron_ticks_once_per_minute_at_the_minute(stack: Stack) -> None:
+    """The cron schedule (``* * * * *``) under the production flags: the first tick is sent
+    at start, then one per minute boundary, each once although four receivers listen."""
     db_url = stack.env["XAGENT_DATABASE_URL"]
+    scheduler = next(p for p in stack.procs if p.name == "scheduler")
     query = (
-        "SELECT scheduled_for, count(*) AS n FROM ticks "
+        "SELECT scheduled_for, count(*) AS n, min(recorded_at) AS recorded_at FROM ticks "
         "WHERE schedule_id = 'xagent-tick' GROUP BY scheduled_for ORDER BY 1"
     )
-    wait_until(lambda: sql(db_url, query), timeout=75, what="a cron tick")
-    time.sleep(2)  # a duplicate would arrive within moments
+    wait_until(lambda: len(sql(db_url, query)) >= 2, timeout=80, what="a minute boundary tick")
+    wait_until(
+        lambda: _sends(scheduler.log(), "xagent-tick") == sum(r["n"] for r in sql(db_url, query)),
+        timeout=10,
+        what="tick rows == scheduler sends",
+    )
     rows = sql(db_url, query)
     assert all(r["n"] == 1 for r in rows), rows
-    for r in rows:
-        assert r["scheduled_for"].second == 0
+    minutes = [r["scheduled_for"] for r in rows]
+    assert all((b - a).total_seconds() == 60 for a, b in itertools.pairwise(minutes)), minutes
+    # a boundary tick was sent during its own minute (not skipped, not made up a minute late)
+    for r in rows[1:]:
+        assert 0 <= (r["recorded_at"] - r["scheduled_for"]).total_seconds() < 60, r
+
+
+def test_queue_endpoint(stack: Stack) -> None:
+    body = httpx.get(f"{stack.base_url}/queue").json()
+    assert body["stream"] == stack.env["XAGENT_QUEUE_NAME"]
+    assert body["group_exists"] is True
+    assert isinstance(body["length"], int)
+    assert isinstance(body["lag"], int)
+    assert isinstance(body["pending"], int)
+    receiver_children = [c for c in body["consumers"] if c["host"] == "testhost"]
+    assert len(receiver_children) == 4  # two receivers with two children each
+    assert all(c["name"] == f"testhost-{c['pid']}" for c in receiver_children)
+
+
+def test_readiness_checks_pass(stack: Stack) -> None:
+    # --recent shorter than the gaps between tasks: idle receivers must count as alive
+    # (their idle time in XINFO grows while they block on an empty stream; Redis 7.0)
+    result = check(stack.env, "receivers", "--host", "testhost", "--min", "4", "--recent", "2.5")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip()
+    assert line.startswith("ok: 4 consumer(s) of testhost reading (testhost-"), line
+    assert "ping answered by testhost-" in line
+    result = check(stack.env, "receivers", "--host", "elsewhere", "--timeout", "2")
+    assert result.returncode == 1
+    assert "0 of 1 consumer(s) of elsewhere" in result.stderr
+    assert "ping" not in result.stderr  # some receiver answered
     scheduler = next(p for p in stack.procs if p.name == "scheduler")
-    assert _sends(scheduler.log(), "xagent-tick") == sum(r["n"] for r in rows)
+    result = check(stack.env, "scheduler")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"ok: scheduler lease held by testhost-{scheduler.pid} ")
 
 
-def test_scheduler_stops_cleanly_on_sigint(stack: Stack) -> None:
+def test_scheduler_stops_cleanly_on_sigint_and_releases_the_lease(stack: Stack) -> None:
     scheduler = next(p for p in stack.procs if p.name == "scheduler")
     t0 = time.monotonic()
     rc = scheduler.stop(signal.SIGINT, timeout=10)
     assert rc == 0, scheduler.log()[-2000:]
     assert time.monotonic() - t0 < 5
+    assert "released scheduler lease" in scheduler.log()
+    result = check(stack.env, "scheduler", "--timeout", "1")
+    assert result.returncode == 1
+    assert "no scheduler held the lease" in result.stderr

@@ -30,3 +30,18 @@ async def test_calls_and_validation() -> None:
         await call_tool("calculator", {"op": "add", "a": "1", "b": 2})
     with pytest.raises(ToolError, match="division by zero"):
         await call_tool("calculator", {"op": "div", "a": 1, "b": 0})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"op": "pow", "a": -8, "b": 0.5}, r"pow\(-8, 0.5\): math domain error"),
+        ({"op": "mul", "a": 1e308, "b": 10}, r"mul\(1e\+308, 10\) is not a finite number"),
+        ({"op": "pow", "a": 1e308, "b": 2}, r"pow\(1e\+308, 2\): math range error"),
+        ({"op": "add", "a": 1e308, "b": 1e308}, "is not a finite number"),
+    ],
+)
+async def test_calculator_failures_are_tool_errors(args: dict[str, object], message: str) -> None:
+    """The issue's runs that stayed `running`: the tool now rejects them itself."""
+    with pytest.raises(ToolError, match=message):
+        await call_tool("calculator", args)

@@ -52,6 +52,12 @@ runs = Table(
     Column("worker_pid", Integer, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("finished_at", DateTime(timezone=True), nullable=True),
+    # Execution lease: the execution whose `attempts` value set status 'running' owns the run
+    # until then (heartbeats extend it); `attempts` is the fencing token of every write.
+    Column("lease_expires_at", DateTime(timezone=True), nullable=True),
+    # Re-enqueued by the sweeper (its message was no longer in the stream).
+    Column("requeued_at", DateTime(timezone=True), nullable=True),
+    Column("requeues", Integer, nullable=False, server_default="0"),
 )
 
 ticks = Table(
@@ -63,6 +69,8 @@ ticks = Table(
     Column("host", String(255), nullable=False),
     Column("pid", Integer, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # TaskIQ task id of the message (unique): a redelivered message adds no second row.
+    Column("task_id", String(64), nullable=True, unique=True),
 )
 
 users = Table(

@@ -22,8 +22,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from xagent import db, models
-from xagent.broker import broker
+from xagent import db, models, streams
+from xagent.broker import async_retry_kwargs, broker
 from xagent.release import RELEASE, VERSION, ReleaseHeaderMiddleware
 from xagent.settings import Settings, get_settings
 from xagent.tasks import run_agent
@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Per-process resources only; entered by every gunicorn worker and every receiver."""
     engine = db.make_engine(settings)
-    redis_client = aioredis.Redis.from_url(settings.redis_url, **settings.redis_kwargs())
+    redis_client = aioredis.Redis.from_url(
+        settings.redis_url, **async_retry_kwargs(), **settings.redis_kwargs()
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.redis = redis_client
@@ -192,3 +194,18 @@ async def list_ticks(request: Request, limit: int = 50) -> list[dict[str, Any]]:
         }
         for r in rows
     ]
+
+
+@app.get("/queue")
+async def queue_stats(request: Request) -> JSONResponse:
+    """The task stream: length, lag (not yet delivered), pending (delivered, not acked),
+    consumers (``<host>-<pid>``, pending, idle ms). 503 when Redis does not answer."""
+    try:
+        body = await asyncio.wait_for(
+            streams.stats(request.app.state.redis, settings.queue_name, settings.queue_name),
+            timeout=5,
+        )
+    except Exception as exc:
+        reason = f"redis: {type(exc).__name__}: {exc}".splitlines()[0]
+        return JSONResponse({"error": reason}, status_code=503)
+    return JSONResponse(body)

@@ -18,7 +18,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -83,13 +90,43 @@ class Settings(BaseSettings):
     host_name: str = Field(default_factory=socket.gethostname)
 
     queue_name: str = "xagent"
-    stream_maxlen: int = Field(default=100_000, ge=1)
-    stream_idle_timeout_ms: int = Field(default=600_000, ge=100)
     stream_xread_count: int = Field(default=4, ge=1)
     result_ttl_seconds: int = Field(default=3600, ge=1)
     tick_cron: str = "* * * * *"
     tick_interval_seconds: int = Field(default=0, ge=0)
-    reclaim_interval_seconds: int = Field(default=30, ge=1)
+
+    # -- delivery, runs and the scheduler (app/README.md "Guarantees") --------------------
+    # A pending stream entry idle this long is taken over by another receiver. Receivers
+    # heartbeat the entries they hold, so only entries of dead receivers get that old.
+    stream_idle_timeout_ms: int = Field(default=60_000, ge=100)
+    # How often each receiver looks for such entries (also on a quiet queue).
+    reclaim_interval_seconds: int = Field(default=10, ge=1)
+    # Lease of a run's execution (0: half the idle timeout). Shorter than the idle timeout, so
+    # a redelivered run always finds the lease of the lost execution expired.
+    run_lease_seconds: float = Field(default=0, ge=0, validate_default=True)
+    # Heartbeat of stream entries and run leases (0: a third of the lease, at most 10 s).
+    heartbeat_seconds: float = Field(default=0, ge=0, validate_default=True)
+    # Executions of one run before it fails (redeliveries and infrastructure errors count).
+    run_max_attempts: int = Field(default=5, ge=1)
+    # In-process retries of one database/Redis step of a task, backoff doubling from this.
+    run_retries: int = Field(default=3, ge=0)
+    run_retry_backoff_seconds: float = Field(default=1.0, gt=0)
+    # Sweeper (schedule xagent-sweep): re-enqueue runs queued this long whose message is no
+    # longer in the stream; fail runs whose lease expired this long ago (0: 5 min, at least
+    # twice the idle timeout).
+    run_queued_timeout_seconds: float = Field(default=300, gt=0)
+    run_stuck_seconds: float = Field(default=0, ge=0, validate_default=True)
+    sweep_interval_seconds: int = Field(default=30, ge=1)
+    # Stream maintenance (schedule xagent-stream-maintenance): trim acknowledged entries,
+    # delete consumers idle this long that hold nothing.
+    stream_maintenance_interval_seconds: int = Field(default=60, ge=1)
+    consumer_stale_seconds: float = Field(default=600, gt=0)
+    # Scheduler leadership: lease renewed every third of it; a standby takes over when it
+    # expires. Missed ticks up to this old are sent late (catch-up).
+    scheduler_lease_seconds: float = Field(default=15, ge=1)
+    scheduler_catchup_seconds: int = Field(default=600, ge=0)
+    # Longest pause between attempts to reach an unreachable Redis (scheduler, receivers).
+    redis_retry_max_seconds: float = Field(default=30, gt=0)
     download_progress_seconds: float = Field(default=2.0, gt=0)
     download_retries: int = Field(default=5, ge=0)
 
@@ -125,6 +162,48 @@ class Settings(BaseSettings):
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("run_lease_seconds")
+    @classmethod
+    def _run_lease(cls, value: float, info: ValidationInfo) -> float:
+        idle_ms = info.data.get("stream_idle_timeout_ms")
+        if idle_ms is None:  # reported on its own
+            return value
+        if value == 0:
+            return float(idle_ms) / 2000
+        if value * 1000 >= idle_ms:
+            raise ValueError(
+                f"must be shorter than the stream idle timeout ({idle_ms / 1000:g} s, "
+                "XAGENT_STREAM_IDLE_TIMEOUT_MS)"
+            )
+        return value
+
+    @field_validator("heartbeat_seconds")
+    @classmethod
+    def _heartbeat(cls, value: float, info: ValidationInfo) -> float:
+        lease = info.data.get("run_lease_seconds")
+        if lease is None:
+            return value
+        if value == 0:
+            return min(10.0, float(lease) / 3)
+        if value > lease / 2:
+            raise ValueError(f"must be at most half the run lease ({lease:g} s)")
+        return value
+
+    @field_validator("run_stuck_seconds")
+    @classmethod
+    def _run_stuck(cls, value: float, info: ValidationInfo) -> float:
+        idle_ms = info.data.get("stream_idle_timeout_ms")
+        if idle_ms is None:
+            return value
+        if value == 0:
+            return max(300.0, 2 * float(idle_ms) / 1000)
+        if value * 1000 <= idle_ms:
+            raise ValueError(
+                f"must be longer than the stream idle timeout ({idle_ms / 1000:g} s, "
+                "XAGENT_STREAM_IDLE_TIMEOUT_MS) so a redelivery gets its chance first"
+            )
         return value
 
     @field_validator("tick_cron")

@@ -137,22 +137,27 @@ async def _word_count(args: dict[str, Any]) -> Any:
 )
 async def _calculator(args: dict[str, Any]) -> Any:
     a, b, op = args["a"], args["b"], args["op"]
-    if op == "add":
-        value = a + b
-    elif op == "sub":
-        value = a - b
-    elif op == "mul":
-        value = a * b
-    elif op == "div":
-        if b == 0:
-            raise ToolError("division by zero")
-        value = a / b
-    elif op == "pow":
-        if abs(b) > 64:
-            raise ToolError("exponent too large")
-        value = math.pow(a, b)
-    else:
-        raise ToolError(f"unknown op {op!r}")
+    try:
+        if op == "add":
+            value = a + b
+        elif op == "sub":
+            value = a - b
+        elif op == "mul":
+            value = a * b
+        elif op == "div":
+            if b == 0:
+                raise ToolError("division by zero")
+            value = a / b
+        elif op == "pow":
+            if abs(b) > 64:
+                raise ToolError("exponent too large")
+            value = math.pow(a, b)
+        else:
+            raise ToolError(f"unknown op {op!r}")
+    except (ArithmeticError, ValueError) as exc:  # e.g. pow(-8, 0.5): math domain error
+        raise ToolError(f"{op}({a!r}, {b!r}): {exc}") from None
+    if isinstance(value, float) and not math.isfinite(value):  # e.g. 1e308 * 10
+        raise ToolError(f"{op}({a!r}, {b!r}) is not a finite number")
     return {"value": value}
 
 

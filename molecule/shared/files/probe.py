@@ -3,8 +3,8 @@
 
 Sends GET requests at a fixed rate (each on a new connection, the way a
 load balancer health check or a fresh client arrives), independently of how
-fast answers come back, until SIGTERM/SIGINT; then waits for the requests in
-flight and writes a JSON summary. Standard library only, so it runs on a bare
+fast answers come back, until SIGTERM/SIGINT (or --count requests); then waits for
+the requests in flight and writes a JSON summary. Standard library only, so it runs on a bare
 test host.
 
     probe.py --url http://127.0.0.1:18000/healthz --rate 50 --out /var/tmp/probe.json
@@ -91,6 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     ids: list[str] = []
     body = args.body.encode() if args.body is not None else None
     started = time.monotonic()
+    wall0 = time.time()
 
     async def fire(scheduled: float) -> None:
         outcome, release, answer = await one_request(
@@ -109,12 +110,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 except (ValueError, KeyError, TypeError):
                     outcomes["ok-without-id"] += 1
         elif len(failures) < 50:
-            failures.append({"at": round(scheduled - started, 3), "outcome": outcome})
+            failures.append(
+                {
+                    "at": round(scheduled - started, 3),
+                    "wall": time.strftime("%H:%M:%S", time.gmtime(wall0 + scheduled - started)),
+                    "outcome": outcome,
+                }
+            )
 
     tasks: set[asyncio.Task[None]] = set()
     interval = 1.0 / args.rate
     n = 0
-    while not stop.is_set():
+    while not stop.is_set() and (args.count is None or n < args.count):
         scheduled = started + n * interval
         delay = scheduled - time.monotonic()
         if delay > 0:
@@ -144,6 +151,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     sent = sum(outcomes.values())
     return {
         "url": args.url,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(wall0)),
         "rate": args.rate,
         "seconds": round(time.monotonic() - started, 1),
         "sent": sent,
@@ -167,6 +175,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=15.0, help="seconds per request")
     parser.add_argument("--body", help="JSON body: POST it instead of GET")
     parser.add_argument("--expect", type=int, default=200, help="status that counts as success")
+    parser.add_argument("--count", type=int, help="stop after this many requests")
     parser.add_argument("--out", required=True, help="JSON summary written on stop")
     args = parser.parse_args()
     # Requests queue while the server restarts: each one holds a socket.
