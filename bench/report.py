@@ -665,9 +665,10 @@ reports medians and ratios; absolute times depend on the machine and its neighbo
 
 ## Machine and method
 
-- {mach["nproc"]} CPUs ({mach["cpu"]}), {mach["mem_gb"]} GB, kernel {mach["kernel"]}, cgroup v1 (hybrid);
+- {mach["nproc"]} CPUs ({mach["cpu"]}), {mach["mem_gb"]} GB, kernel {mach["kernel"]}, cgroup {mach.get("cgroup", "?")};
   load average (1/5/15 min) {la(mach["loadavg_start"])} at the start, {la(mach.get("loadavg_end"))} at the end,
-  and per measurement in the tables. Other jobs (Molecule, pytest) shared the machine.
+  and per measurement in the tables; P1's "neighbours" columns show the CPU other jobs of
+  the machine used meanwhile.
 - The bench host is a systemd container (`xagent-testhost:bookworm`, systemd 252, the flags of
   `make demo`) with the whole stack deployed by `playbooks/site.yml` from `bench/inventory`
   (2 web workers, 2 receiver units x 2 processes, PostgreSQL, Redis). Its cgroup sits at the

@@ -111,6 +111,11 @@ def machine() -> dict[str, Any]:
         ),
         "mem_gb": round(int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024, 1),
         "loadavg_start": lib.loadavg(),
+        "cgroup": "v2"
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        else "v1 (hybrid)"
+        if Path("/sys/fs/cgroup/unified").exists()
+        else "v1",
     }
 
 
