@@ -31,7 +31,7 @@ DEMO_NAME     := xagent-demo
 DEMO_IMAGE    := xagent-testhost:bookworm
 DEMO_URL      := http://127.0.0.1:28000/
 # Same flags as the Molecule platform in .config/molecule/config.yml.
-DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN \
+DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN --cap-add SYS_PTRACE \
 	-v /sys/fs/cgroup:/sys/fs/cgroup:ro --tmpfs /run --tmpfs /run/lock \
 	--stop-signal SIGRTMIN+3
 

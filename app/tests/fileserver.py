@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import threading
+import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -74,7 +75,8 @@ class FileServer:
                 pass
 
             def do_GET(self) -> None:
-                path = self.path.lstrip("/")
+                # a signed URL's query selects nothing here: files are found by path
+                path = urllib.parse.urlsplit(self.path).path.lstrip("/")
                 range_header = self.headers.get("Range")
                 request = Request(path, range_header)
                 owner.requests.append(request)

@@ -137,6 +137,24 @@ def test_client_error_is_permanent(server: FileServer, payload: bytes, tmp_path:
     assert [r.status for r in server.requests] == [403]
 
 
+def test_url_credentials_and_tokens_never_reach_logs_or_errors(
+    server: FileServer, payload: bytes, tmp_path: Path
+) -> None:
+    # a model behind a signed URL or basic auth: the token and the password are secrets
+    host = server.base_url.removeprefix("http://")
+    url = f"http://bob:pw-s3cret@{host}/m.bin?X-Amz-Signature=tok-s3cret&expires=1"
+    lines: list[str] = []
+    assert models.ensure_model(_spec(url, payload), tmp_path, out=lines.append) == "downloaded"
+    assert any(f"bob:***@{host}/m.bin?X-Amz-Signature=***&expires=***" in ln for ln in lines)
+
+    server.fail_next["m.bin"] = [403]
+    with pytest.raises(models.ModelError) as failed:
+        models.ensure_model(_spec(url, b"other"), tmp_path / "b", out=lines.append)
+    assert "HTTP 403" in str(failed.value)
+    for text in [*lines, str(failed.value)]:
+        assert "s3cret" not in text, text
+
+
 def test_server_errors_and_try_later_are_retried(
     server: FileServer, payload: bytes, tmp_path: Path
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,14 @@ def test_web_app_import_fails_naming_the_variable(env: pytest.MonkeyPatch) -> No
     )
     assert result.returncode != 0
     assert "XAGENT_DATABASE_URL: required setting is missing" in result.stderr.splitlines()[-1]
+
+
+def test_a_bad_model_url_is_named_but_its_secrets_are_not(env: pytest.MonkeyPatch) -> None:
+    # a token in the query or a password in the user part must not reach the journal
+    bad = {"name": "x", "url": "ftp://u:pw-s3cret@h/x?t=tok-s3cret", "sha256": "1" * 64}
+    env.setenv("XAGENT_MODELS", json.dumps([bad]))
+    with pytest.raises(SettingsError) as invalid:
+        load_settings()
+    assert "XAGENT_MODELS" in str(invalid.value)
+    assert "ftp://u:***@h/x?t=***" in str(invalid.value)
+    assert "s3cret" not in str(invalid.value)

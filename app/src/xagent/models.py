@@ -30,7 +30,7 @@ from typing import IO
 
 import httpx
 
-from xagent.settings import ModelSpec, Settings
+from xagent.settings import ModelSpec, Settings, redact_url
 
 CHUNK = 1024 * 1024
 Printer = Callable[[str], None]
@@ -206,7 +206,7 @@ def _fetch_http(
             elif status >= 500 or status in _TRANSIENT_4XX:
                 raise _TransferBroken(f"HTTP {status}")
             else:
-                raise ModelError(f"{spec.name}: HTTP {status} from {spec.url}")
+                raise ModelError(f"{spec.name}: HTTP {status} from {redact_url(spec.url)}")
             digest = _hash_prefix(part, offset) if offset else hashlib.sha256()
             length = resp.headers.get("content-length")
             total = offset + int(length) if length is not None else None
@@ -226,7 +226,9 @@ def _fetch_http(
             progress.update(done, total, 0, final=True)
             return digest.hexdigest()
     except (httpx.TransportError, httpx.StreamError) as exc:
-        raise _TransferBroken(f"{type(exc).__name__}: {exc}") from exc
+        # an httpx message may quote the request URL; its token must not reach the journal
+        detail = str(exc).replace(spec.url, redact_url(spec.url))
+        raise _TransferBroken(f"{type(exc).__name__}: {detail}") from exc
 
 
 def _fetch_file(spec: ModelSpec, part: Path, offset: int, progress: _Progress) -> str:
@@ -306,7 +308,7 @@ def ensure_model(
         if offset:
             out(f"model {spec.name}: resuming at {offset} bytes")
         else:
-            out(f"model {spec.name}: downloading {spec.url}")
+            out(f"model {spec.name}: downloading {redact_url(spec.url)}")
         high_water_before = progress.high_water
         try:
             if spec.url.startswith("file://"):

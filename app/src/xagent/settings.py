@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +40,26 @@ class SettingsError(Exception):
     """A setting is missing or malformed; ``str(exc)`` is a one-line message naming it."""
 
 
+def redact_url(url: str) -> str:
+    """``url`` fit for a log line or an error message: a password in the user part and
+    every query value (signed URLs carry their token there) become ``***``, and a fragment
+    is dropped. What is left still tells which host and file were meant."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparsable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}" if ":" in userinfo else f"***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if sep else "***"
+        for key, sep, _ in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
 class ModelSpec(BaseModel):
     """One model file that the bootstrap downloads and /readyz checks."""
 
@@ -57,7 +78,7 @@ class ModelSpec(BaseModel):
     @classmethod
     def _known_scheme(cls, value: str) -> str:
         if not value.startswith(("http://", "https://", "file://")):
-            raise ValueError(f"model url {value!r} must be http(s):// or file://")
+            raise ValueError(f"model url {redact_url(value)!r} must be http(s):// or file://")
         return value
 
     @field_validator("sha256")
