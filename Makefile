@@ -29,15 +29,13 @@ SCENARIOS     ?= $(filter-out smoke,$(sort $(notdir $(patsubst %/molecule.yml,%,
 
 DEMO_NAME     := xagent-demo
 DEMO_IMAGE    := xagent-testhost:bookworm
-DEMO_URL      := http://127.0.0.1:28000/
+DEMO_URL      := http://127.0.0.1:28000/docs
 # Same flags as the Molecule platform in .config/molecule/config.yml.
 DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN --cap-add SYS_PTRACE \
 	-v /sys/fs/cgroup:/sys/fs/cgroup:ro --tmpfs /run --tmpfs /run/lock \
 	--stop-signal SIGRTMIN+3
 
 VENV_STAMP    := $(VENV)/.xagent-venv-stamp
-APP_PYPROJECT := $(wildcard app/pyproject.toml)
-APP_LOCK      := $(wildcard app/requirements.lock)
 
 .PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images \
 	bench bench-smoke
@@ -60,12 +58,11 @@ help:
 host:
 	@bash .ci/host-setup
 
-$(VENV_STAMP): requirements-dev.txt $(APP_PYPROJECT) $(APP_LOCK)
+$(VENV_STAMP): requirements-dev.txt app/pyproject.toml app/requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	@# The app's lock file pins the runtime deps the hosts get: test against the same.
-	if [ -f app/pyproject.toml ]; then \
-		$(BIN)/python -m pip install -q -e 'app[dev]' $(if $(APP_LOCK),-c $(APP_LOCK)); fi
+	$(BIN)/python -m pip install -q -e 'app[dev]' -c app/requirements.lock
 	@touch $@
 
 venv: $(VENV_STAMP)
