@@ -20,11 +20,13 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 ENV_FILE = Path("/etc/xagent/xagent.env")
 CRED_DIR = Path("/etc/xagent/credentials")
+ADMIN_PASSWORD = Path("/etc/redis/admin-password")
 
 
 def load_settings_env() -> None:
@@ -51,7 +53,14 @@ async def redis_client() -> Any:
     from xagent.settings import get_settings
 
     settings = get_settings()
-    return aioredis.Redis.from_url(settings.redis_url, **settings.redis_kwargs()), settings
+    if not ADMIN_PASSWORD.exists():
+        return aioredis.Redis.from_url(settings.redis_url, **settings.redis_kwargs()), settings
+    # The bench is an operator (CONFIG SET, PSUBSCRIBE, XDEL), beyond what the app's ACL
+    # user may do: it connects as Redis's administrator, to the server the app uses.
+    parts = urllib.parse.urlsplit(settings.redis_url)
+    url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+    password = ADMIN_PASSWORD.read_text().strip()
+    return aioredis.Redis.from_url(url, username="default", password=password), settings
 
 
 async def group_progress(client: Any, queue: str) -> dict[str, int]:
