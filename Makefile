@@ -3,6 +3,7 @@
 #   make demo       one systemd container with the whole stack, on a fresh Debian 12
 #   make test       lint + app tests + every Molecule scenario + bench smoke
 #   make bench      the benchmarks (bundle vs naive design), ~20 min: docs/benchmarks.md
+#   make dev        the app on this machine in its production layers (xagent-dev)
 #
 # Tooling lives in ./.venv (requirements-dev.txt); the targets use it directly,
 # no activation needed. System packages and dockerd: `make host` (root).
@@ -38,25 +39,30 @@ DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN --cap
 VENV_STAMP    := $(VENV)/.xagent-venv-stamp
 
 .PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images \
-	bench bench-smoke
+	bench bench-smoke dev
 
 help:
-	@echo "make host          install docker.io, debootstrap, redis, postgresql; start dockerd (root)"
+	@echo "make host          install docker.io, debootstrap, redis, postgresql; start dockerd and"
+	@echo "                   the app tests' PostgreSQL and Redis on loopback (root; make test needs it)"
 	@echo "make venv          create .venv from requirements-dev.txt (+ app[dev])"
 	@echo "make images        build the bookworm and trixie test-host images (cached by input hash)"
 	@echo "make lint          yamllint, ansible-lint (production), shellcheck, ruff, mypy"
-	@echo "make test-app      app service checks + pytest"
+	@echo "make test-app      the app's pytest suite (real PostgreSQL/Redis from make host)"
 	@echo "make test-molecule every Molecule scenario: $(SCENARIOS)"
 	@echo "make test          lint + test-app + test-molecule + bench-smoke"
 	@echo "make bench         benchmarks, bundle vs naive design (~20 min): docs/benchmarks.md"
 	@echo "make bench-smoke   one short repetition of every benchmark (harness check, no report)"
+	@echo "make dev          run the app locally: one-time work once, then web (reload),"
+	@echo "                   scheduler and receivers as processes (settings: XAGENT_*, DEV_ARGS)"
 	@echo "make demo          systemd container '$(DEMO_NAME)' running the stack, $(DEMO_URL)"
 	@echo "make demo-down     remove the demo container"
 
 # ---- machine and tooling ----------------------------------------------------------
 
+# Provisioning (root) happens here and in .ci/run only; `make test` expects it done.
 host:
 	@bash .ci/host-setup
+	@bash app/tests/services.sh
 
 $(VENV_STAMP): requirements-dev.txt app/pyproject.toml app/requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +77,14 @@ venv: $(VENV_STAMP)
 images:
 	@pids=(); for s in $(SUITES); do $(IMAGE_BUILD) $$s & pids+=($$!); done; \
 	rc=0; for p in "$${pids[@]}"; do wait $$p || rc=1; done; exit $$rc
+
+# ---- local development --------------------------------------------------------------
+# Settings from the environment as on a server (XAGENT_DATABASE_URL, XAGENT_REDIS_URL,
+# XAGENT_ROOT_PASSWORD, ...); `bash app/tests/services.sh` (root) gives a local
+# PostgreSQL and Redis. Ctrl-C stops everything. Options: DEV_ARGS="--receivers 1".
+DEV_ARGS ?=
+dev: venv
+	$(BIN)/xagent-dev $(DEV_ARGS)
 
 # ---- lint -------------------------------------------------------------------------
 # Python outside app/ (test helpers) follows ruff.toml; app/ its own pyproject.
@@ -89,7 +103,6 @@ lint: venv
 # ---- tests ------------------------------------------------------------------------
 
 test-app: venv
-	bash app/tests/services.sh
 	cd app && $(BIN)/pytest
 
 test-molecule: venv images
@@ -107,7 +120,7 @@ test-molecule: venv images
 # the app tests; the bench smoke (its own host, ports 38xxx) runs beside the
 # light scenarios, never beside `default`, whose probes count failed requests,
 # and at the default CPU weight (the full bench raises its host's weight).
-test: host
+test: venv
 	@failed=(); \
 	( $(MAKE) --no-print-directory images 2>&1 | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
 	for t in lint test-app; do $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
