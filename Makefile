@@ -94,8 +94,8 @@ lint: venv
 	run $(BIN)/yamllint .; \
 	run $(BIN)/ansible-lint; \
 	run shellcheck -S warning $$(git ls-files '*.sh' .ci/run .ci/host-setup); \
-	run $(BIN)/ruff check app molecule bench; \
-	run $(BIN)/ruff format --check app molecule bench; \
+	run $(BIN)/ruff check app molecule bench .ci; \
+	run $(BIN)/ruff format --check app molecule bench .ci; \
 	run bash -c "cd app && exec $(BIN)/mypy"; \
 	if [ $${#failed[@]} -gt 0 ]; then printf 'lint FAILED: %s\n' "$${failed[@]}"; exit 1; fi; \
 	echo "lint: all passed"
@@ -121,16 +121,18 @@ test-molecule: venv images
 # light scenarios, never beside `default`, whose probes count failed requests,
 # and at the default CPU weight (the full bench raises its host's weight).
 test: venv
-	@failed=(); \
-	( $(MAKE) --no-print-directory images 2>&1 | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
-	for t in lint test-app; do $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
+	@failed=(); logs=$(ROOT)/.test-logs; rm -rf "$$logs"; mkdir -p "$$logs"; \
+	part() { local name=$$1; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; return "$${PIPESTATUS[0]}"; }; \
+	( $(MAKE) --no-print-directory images 2>&1 | tee "$$logs/images.log" | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
+	for t in lint test-app; do part $$t $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
 	wait $$images || failed+=(images); \
-	( BENCH_CPU_SHARES=1024 $(MAKE) --no-print-directory bench-smoke 2>&1 | sed -u 's/^/[bench-smoke] /'; \
+	( BENCH_CPU_SHARES=1024 $(MAKE) --no-print-directory bench-smoke 2>&1 | tee "$$logs/bench-smoke.log" | sed -u 's/^/[bench-smoke] /'; \
 	  exit "$${PIPESTATUS[0]}" ) & bench=$$!; \
-	$(MAKE) --no-print-directory test-molecule SCENARIOS="$(filter-out default,$(SCENARIOS))" || failed+=(test-molecule); \
+	part molecule $(MAKE) --no-print-directory test-molecule SCENARIOS="$(filter-out default,$(SCENARIOS))" || failed+=(test-molecule); \
 	wait $$bench || failed+=(bench-smoke); \
-	$(MAKE) --no-print-directory test-molecule SCENARIOS="$(filter default,$(SCENARIOS))" || failed+=(test-molecule-default); \
-	if [ $${#failed[@]} -gt 0 ]; then echo "make test FAILED: $${failed[*]}"; exit 1; fi; \
+	part molecule-default $(MAKE) --no-print-directory test-molecule SCENARIOS="$(filter default,$(SCENARIOS))" || failed+=(test-molecule-default); \
+	if [ $${#failed[@]} -gt 0 ]; then \
+		$(BIN)/python .ci/digest.py "$$logs"/*.log; echo "make test FAILED: $${failed[*]} (logs: .test-logs/)"; exit 1; fi; \
 	echo "make test: all passed"
 
 # ---- benchmarks ---------------------------------------------------------------------

@@ -35,6 +35,10 @@ BIN = Path(sys.executable).parent
 
 TEST_DB_URL = os.environ.get("XAGENT_TEST_DATABASE_URL", DEFAULT_DB)
 TEST_REDIS_URL = os.environ.get("XAGENT_TEST_REDIS_URL", DEFAULT_REDIS)
+# for requests that commit to PostgreSQL (POST /runs): a commit waits for fsync, which takes
+# seconds on a machine that is busy writing (CI builds images beside the tests); httpx's
+# default of 5 s is then a flaky failure, not a finding
+HTTP_TIMEOUT = 30.0
 
 
 def _dsn(sqlalchemy_url: str, database: str | None = None) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import RedisServer, Stack, base_env, run_bootstrap
+from conftest import HTTP_TIMEOUT, RedisServer, Stack, base_env, run_bootstrap
 
 
 def test_readyz_is_503_until_models_exist(
@@ -80,7 +80,7 @@ def test_runs_are_accepted_right_after_redis_restarts(
     env = base_env(session_db, queue_name, tmp_path / "models", XAGENT_REDIS_URL=redis_server.url)
     base_url = stack_factory(env).web()
     run = {"tool": "sleep", "args": {"seconds": 1}}
-    with httpx.Client(base_url=base_url, timeout=10) as client:
+    with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT) as client:
         assert [client.post("/runs", json=run).status_code for _ in range(3)] == [202] * 3
         redis_server.stop()
         redis_server.start()

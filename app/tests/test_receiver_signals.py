@@ -8,7 +8,6 @@ import importlib.util
 import re
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from conftest import TEST_REDIS_URL, Stack, base_env, sql, wait_until
+from conftest import HTTP_TIMEOUT, TEST_REDIS_URL, Stack, base_env, sql, wait_until
 from xagent import streams
 
 
@@ -26,7 +25,11 @@ def _status(db_url: str, run_id: str) -> tuple[str, int]:
 
 
 def _start_sleep_run(base_url: str, seconds: float) -> str:
-    resp = httpx.post(f"{base_url}/runs", json={"tool": "sleep", "args": {"seconds": seconds}})
+    resp = httpx.post(
+        f"{base_url}/runs",
+        json={"tool": "sleep", "args": {"seconds": seconds}},
+        timeout=HTTP_TIMEOUT,
+    )
     assert resp.status_code == 202, resp.text
     run_id: str = resp.json()["id"]
     return run_id
@@ -48,7 +51,8 @@ def test_sigkilled_receivers_run_is_redelivered_on_a_quiet_queue(
     stack = stack_factory(env)
     base_url = stack.web()
     doomed = stack.receiver(1)
-    run_id = _start_sleep_run(base_url, 1.5)
+    # long enough to be still running when the test (polling, on a loaded machine) kills it
+    run_id = _start_sleep_run(base_url, 5)
     wait_until(lambda: _status(session_db, run_id)[0] == "running", what="run to start")
 
     doomed.signal_group(signal.SIGKILL)  # main process and its child, no cleanup at all
@@ -62,7 +66,7 @@ def test_sigkilled_receivers_run_is_redelivered_on_a_quiet_queue(
     wait_until(lambda: _status(session_db, run_id)[0] == "done", timeout=30, what="redelivery")
     assert _status(session_db, run_id) == ("done", 2)
     body = httpx.get(f"{base_url}/runs/{run_id}").json()
-    assert body["result"] == {"slept": 1.5}
+    assert body["result"] == {"slept": 5}
     assert "reclaimed 1 stream entries idle > 3000 ms" in replacement.log()
 
 
@@ -111,7 +115,9 @@ def test_clean_stop_hands_waiting_entries_over_and_leaves_the_group(
     )
     stack = stack_factory(env)
     base_url = stack.web()
-    run_ids = [_start_sleep_run(base_url, 2) for _ in range(3)]
+    # long enough that the test sees the first one running and stops the receiver before
+    # it has started the others, also when it polls late on a loaded machine
+    run_ids = [_start_sleep_run(base_url, 4) for _ in range(3)]
     leaving = stack.receiver(1, "--max-async-tasks", "1")
     wait_until(lambda: _status(session_db, run_ids[0])[0] == "running", what="first run")
     consumers = _consumers(queue_name)
@@ -188,15 +194,16 @@ def test_sigterm_finishes_in_flight_task_and_exits_quickly(
     run_id = _start_sleep_run(base_url, 2)
     wait_until(lambda: _status(session_db, run_id)[0] == "running", what="run to start")
 
-    t0 = time.monotonic()
     receiver.popen.send_signal(signal.SIGTERM)
-    rc = receiver.popen.wait(20)
-    elapsed = time.monotonic() - t0
-    assert rc == 0, receiver.log()[-3000:]
-    assert elapsed < 8, f"receiver took {elapsed:.1f} s to stop"
-    assert _status(session_db, run_id) == ("done", 1)
-    # both children exited by themselves (no leftovers to kill)
+    # a deadline, not a speed bound: the 3.11 hang never ends; a loaded machine is just slow
+    rc = receiver.popen.wait(60)
     log = receiver.log()
+    assert rc == 0, log[-3000:]
+    assert _status(session_db, run_id) == ("done", 1)
+    # the clean path: no broker shutdown cut off by its timeout, no hard kill
+    assert "Broker.shutdown cannot be completed" not in log, log[-3000:]
+    assert "Hard kill" not in log, log[-3000:]
+    # both children exited by themselves (no leftovers to kill)
     assert log.count("Stopped process worker-") == 2, log[-3000:]
     # each child deleted its consumer (nothing left to hand over)
     assert log.count("pending entries handed over") == 2

@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from conftest import (
+    HTTP_TIMEOUT,
     TEST_REDIS_URL,
     Stack,
     base_env,
@@ -65,7 +65,9 @@ def stack(session_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def _wait_run(base_url: str, run_id: str, timeout: float = 20) -> dict[str, object]:
     def finished() -> dict[str, object] | None:
-        body: dict[str, object] = httpx.get(f"{base_url}/runs/{run_id}", timeout=5).json()
+        body: dict[str, object] = httpx.get(
+            f"{base_url}/runs/{run_id}", timeout=HTTP_TIMEOUT
+        ).json()
         return body if body["status"] in {"done", "failed"} else None
 
     result: dict[str, object] = wait_until(finished, timeout=timeout, what=f"run {run_id}")
@@ -89,6 +91,7 @@ def test_run_round_trip_through_a_receiver(stack: Stack) -> None:
     resp = httpx.post(
         f"{stack.base_url}/runs",
         json={"tool": "calculator", "args": {"op": "mul", "a": 6, "b": 7}},
+        timeout=HTTP_TIMEOUT,
     )
     assert resp.status_code == 202, resp.text
     run_id = resp.json()["id"]
@@ -108,7 +111,9 @@ def test_run_round_trip_through_a_receiver(stack: Stack) -> None:
 
 
 def test_run_with_bad_arguments_fails_cleanly(stack: Stack) -> None:
-    resp = httpx.post(f"{stack.base_url}/runs", json={"tool": "echo", "args": {"txt": "x"}})
+    resp = httpx.post(
+        f"{stack.base_url}/runs", json={"tool": "echo", "args": {"txt": "x"}}, timeout=HTTP_TIMEOUT
+    )
     assert resp.status_code == 202
     body = _wait_run(stack.base_url, resp.json()["id"])
     assert body["status"] == "failed"
@@ -125,7 +130,9 @@ def test_run_with_bad_arguments_fails_cleanly(stack: Stack) -> None:
 def test_runs_that_used_to_stay_running_fail_with_the_reason(
     stack: Stack, args: dict[str, object], error: str
 ) -> None:
-    resp = httpx.post(f"{stack.base_url}/runs", json={"tool": "calculator", "args": args})
+    resp = httpx.post(
+        f"{stack.base_url}/runs", json={"tool": "calculator", "args": args}, timeout=HTTP_TIMEOUT
+    )
     assert resp.status_code == 202
     body = _wait_run(stack.base_url, resp.json()["id"])
     assert (body["status"], body["error"], body["attempts"]) == ("failed", error, 1)
@@ -140,7 +147,9 @@ def test_unknown_tool_and_run_are_rejected(stack: Stack) -> None:
 def test_many_runs_spread_over_receivers(stack: Stack) -> None:
     ids = [
         httpx.post(
-            f"{stack.base_url}/runs", json={"tool": "word_count", "args": {"text": "a b " * i}}
+            f"{stack.base_url}/runs",
+            json={"tool": "word_count", "args": {"text": "a b " * i}},
+            timeout=HTTP_TIMEOUT,
         ).json()["id"]
         for i in range(1, 21)
     ]
@@ -268,13 +277,16 @@ def test_queue_endpoint(stack: Stack) -> None:
 
 def test_readiness_checks_pass(stack: Stack) -> None:
     # --recent shorter than the gaps between tasks: idle receivers must count as alive
-    # (their idle time in XINFO grows while they block on an empty stream; Redis 7.0)
-    result = check(stack.env, "receivers", "--host", "testhost", "--min", "4", "--recent", "2.5")
+    # (their idle time in XINFO grows while they block on an empty stream; Redis 7.0).
+    # Not shorter than a liveness key can be old: refreshed every 1 s, stamped in whole
+    # seconds (up to ~2 s), plus the lag of a loaded machine.
+    result = check(stack.env, "receivers", "--host", "testhost", "--min", "4", "--recent", "4")
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     assert line.startswith("ok: 4 consumer(s) of testhost reading (testhost-"), line
     assert "ping answered by testhost-" in line
-    result = check(stack.env, "receivers", "--host", "elsewhere", "--timeout", "2")
+    # the deadline must leave room for the ping to come back (asserted below)
+    result = check(stack.env, "receivers", "--host", "elsewhere", "--timeout", "10")
     assert result.returncode == 1
     assert "0 of 1 consumer(s) of elsewhere" in result.stderr
     assert "ping" not in result.stderr  # some receiver answered
@@ -286,11 +298,14 @@ def test_readiness_checks_pass(stack: Stack) -> None:
 
 def test_scheduler_stops_cleanly_on_sigint_and_releases_the_lease(stack: Stack) -> None:
     scheduler = next(p for p in stack.procs if p.name == "scheduler")
-    t0 = time.monotonic()
-    rc = scheduler.stop(signal.SIGINT, timeout=10)
-    assert rc == 0, scheduler.log()[-2000:]
-    assert time.monotonic() - t0 < 5
-    assert "released scheduler lease" in scheduler.log()
+    # a deadline only (a hang ends in SIGABRT, rc != 0); the clean path is asserted below
+    rc = scheduler.stop(signal.SIGINT, timeout=30)
+    log = scheduler.log()
+    assert rc == 0, log[-2000:]
+    assert "SIGINT received: stopping the scheduler" in log
+    assert "released scheduler lease" in log
+    assert "the leader loop did not stop" not in log
+    assert "stopping without cleanup" not in log
     result = check(stack.env, "scheduler", "--timeout", "1")
     assert result.returncode == 1
     assert "no scheduler held the lease" in result.stderr

@@ -179,6 +179,11 @@ class LeaderScheduler(TaskiqScheduler):
                     log.info("Redis reachable again")
                 failures = 0
                 delay = 1.01 - time.time() % 1  # just after the next second
+                if self._token is not None:
+                    # wake when the renewal is due, not at the next second after it: that
+                    # renewed up to 1 s late (2 s apart for a 3 s lease; a 1 s lease lapsed)
+                    due = self._renewed_at + self.renew_every - time.monotonic()
+                    delay = min(delay, max(0.05, due))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
