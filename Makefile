@@ -46,7 +46,7 @@ help:
 	@echo "                   the app tests' PostgreSQL and Redis on loopback (root; make test needs it)"
 	@echo "make venv          create .venv from requirements-dev.txt (+ app[dev])"
 	@echo "make images        build the bookworm and trixie test-host images (cached by input hash)"
-	@echo "make lint          yamllint, ansible-lint (production), shellcheck, ruff, mypy"
+	@echo "make lint          yamllint, role docs, ansible-lint (production), shellcheck, ruff, mypy"
 	@echo "make test-app      the app's pytest suite (real PostgreSQL/Redis from make host)"
 	@echo "make test-molecule every Molecule scenario: $(SCENARIOS)"
 	@echo "make test          lint + test-app + test-molecule + bench-smoke"
@@ -92,6 +92,7 @@ dev: venv
 lint: venv
 	@failed=(); run() { echo "+ $$*"; "$$@" || failed+=("$$*"); }; \
 	run $(BIN)/yamllint .; \
+	run $(BIN)/python .ci/check_role_docs.py; \
 	run $(BIN)/ansible-lint; \
 	run shellcheck -S warning $$(git ls-files '*.sh' .ci/run .ci/host-setup); \
 	run $(BIN)/ruff check app molecule bench .ci; \
