@@ -43,6 +43,14 @@ def test_defaults_and_driver(env: pytest.MonkeyPatch) -> None:
     assert settings.run_stuck_seconds == 300
     assert settings.run_max_attempts == 5
     assert settings.scheduler_lease_seconds == 15
+    assert (settings.database_pool_size, settings.database_max_overflow) == (5, 5)
+
+
+def test_database_pool_from_environment(env: pytest.MonkeyPatch) -> None:
+    env.setenv("XAGENT_DATABASE_POOL_SIZE", "2")
+    env.setenv("XAGENT_DATABASE_MAX_OVERFLOW", "0")
+    settings = load_settings()
+    assert (settings.database_pool_size, settings.database_max_overflow) == (2, 0)
 
 
 def test_run_lease_and_heartbeat_follow_the_idle_timeout(env: pytest.MonkeyPatch) -> None:
@@ -96,6 +104,10 @@ def test_models_json(env: pytest.MonkeyPatch) -> None:
         ("XAGENT_RUN_STUCK_SECONDS", "30", "XAGENT_RUN_STUCK_SECONDS: must be longer than"),
         ("XAGENT_SCHEDULER_LEASE_SECONDS", "0", "XAGENT_SCHEDULER_LEASE_SECONDS: Input should"),
         ("XAGENT_TICK_CRON", "* * *", "XAGENT_TICK_CRON: must be a 5-field cron"),
+        # 0 would be SQLAlchemy's "no limit", not "no pool"
+        ("XAGENT_DATABASE_POOL_SIZE", "0", "XAGENT_DATABASE_POOL_SIZE: Input should be greater"),
+        ("XAGENT_DATABASE_POOL_SIZE", "many", "XAGENT_DATABASE_POOL_SIZE: Input should be a valid"),
+        ("XAGENT_DATABASE_MAX_OVERFLOW", "-1", "XAGENT_DATABASE_MAX_OVERFLOW: Input should be"),
     ],
 )
 def test_malformed_setting_names_the_variable(

@@ -287,7 +287,7 @@ def _one_line(exc: BaseException) -> str:
 async def run_steps(settings: Settings, steps: Sequence[str]) -> None:
     started = datetime.now(UTC)
     label = ",".join(steps)
-    engine = db.make_engine(settings, pool_size=2)
+    engine = db.make_engine(settings)
     run_id: int | None = None
     database_seen = False
     database_failed = False  # waited in vain: recording the failure would only wait again

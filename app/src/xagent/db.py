@@ -97,12 +97,13 @@ bootstrap_runs = Table(
 )
 
 
-def make_engine(settings: Settings, *, pool_size: int = 5) -> AsyncEngine:
-    """A per-process async engine (asyncpg)."""
+def make_engine(settings: Settings) -> AsyncEngine:
+    """A per-process async engine (asyncpg) holding at most ``XAGENT_DATABASE_POOL_SIZE`` +
+    ``XAGENT_DATABASE_MAX_OVERFLOW`` connections; a checkout beyond waits for a free one."""
     return create_async_engine(
         settings.sqlalchemy_url(),
-        pool_size=pool_size,
-        max_overflow=5,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
         connect_args={"timeout": 10, "server_settings": {"application_name": "xagent"}},

@@ -102,6 +102,10 @@ class Settings(BaseSettings):
 
     database_url: str
     database_password: SecretStr | None = None
+    # This process's connection pool: at most pool size + max overflow connections at once
+    # (the deployment budgets PostgreSQL's max_connections from them, per process kind).
+    database_pool_size: int = Field(default=5, ge=1)
+    database_max_overflow: int = Field(default=5, ge=0)
     redis_url: str
     redis_password: SecretStr | None = None
     models_dir: Path = Path("/var/lib/xagent/models")
