@@ -82,12 +82,17 @@ def sha256(data: bytes) -> str:
 
 
 def test_wheelhouse_installs_offline_with_hashes(tmp_path: Path) -> None:
-    # The pywin32 pin does not apply to Linux hosts: left out, not an error.
-    proc = run(tmp_path, f"# a comment\n{PIN}\npywin32==306 ; sys_platform == 'win32'\n")
+    # The pywin32 pin does not apply to Linux hosts: left out, not an error. The target
+    # does not name the micro version: async-timeout may apply to some 3.X.Y, so it is in
+    # with its marker, and this interpreter's pip (the "host") skips it.
+    here = platform.python_version()
+    lock = f"# a comment\n{PIN}\npywin32==306 ; sys_platform == 'win32'\n"
+    lock += f'async-timeout==5.0.1 ; python_full_version != "{here}"\n'
+    proc = run(tmp_path, lock)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["changed"] is True
-    assert result["pins"] == 2
+    assert result["pins"] == 3
     archive = Path(result["archive"])
     assert archive == tmp_path / "cache" / "a1" / local_target() / "wheelhouse.tar"
 
@@ -97,15 +102,21 @@ def test_wheelhouse_installs_offline_with_hashes(tmp_path: Path) -> None:
     wheels = {n: data for n, data in files.items() if n.endswith(".whl")}
     text = files["wheelhouse/requirements.txt"].decode()
     assert sorted(wheels) == [
+        "wheelhouse/async_timeout-5.0.1-py3-none-any.whl",
         "wheelhouse/six-1.16.0-py2.py3-none-any.whl",
         "wheelhouse/tinyapp-0.1.0-py3-none-any.whl",
     ]
     assert all(m.uid == 0 and m.mtime == 0 for m in members.values())
     # Every file is pinned with the sha256 of its bytes; the copy beside the archive is the same.
     lines = [line for line in text.splitlines() if not line.startswith("#")]
+    timeout = sha256(wheels["wheelhouse/async_timeout-5.0.1-py3-none-any.whl"])
     six = sha256(wheels["wheelhouse/six-1.16.0-py2.py3-none-any.whl"])
     app = sha256(wheels["wheelhouse/tinyapp-0.1.0-py3-none-any.whl"])
-    assert lines == [f"six==1.16.0 --hash=sha256:{six}", f"tinyapp==0.1.0 --hash=sha256:{app}"]
+    assert lines == [
+        f'async-timeout==5.0.1 ; python_full_version != "{here}" --hash=sha256:{timeout}',
+        f"six==1.16.0 --hash=sha256:{six}",
+        f"tinyapp==0.1.0 --hash=sha256:{app}",
+    ]
     assert (archive.parent / "requirements.txt").read_text() == text
 
     # As a host does it: unpack, new venv, no index reachable.
@@ -120,6 +131,7 @@ def test_wheelhouse_installs_offline_with_hashes(tmp_path: Path) -> None:
     assert install.returncode == 0, install.stderr
     check = [str(tmp_path / "venv/bin/python"), "-c", "import tinyapp; print(tinyapp.ANSWER)"]
     assert subprocess.run(check, capture_output=True, text=True).stdout == "42\n"
+    assert "Ignoring async-timeout" in install.stdout
 
     # A changed file no longer matches its pin: pip refuses it.
     (tmp_path / "wheelhouse/six-1.16.0-py2.py3-none-any.whl").write_bytes(b"tampered")

@@ -79,14 +79,14 @@ class Target:
         ]
         return tags
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, micro: int) -> dict[str, str]:
         """Marker environment of the hosts (the lock's markers are theirs, not ours)."""
         return {
             "implementation_name": "cpython",
             "platform_python_implementation": "CPython",
             "python_version": self.python,
-            "python_full_version": f"{self.python}.0",
-            "implementation_version": f"{self.python}.0",
+            "python_full_version": f"{self.python}.{micro}",
+            "implementation_version": f"{self.python}.{micro}",
             "sys_platform": "linux",
             "platform_system": "Linux",
             "os_name": "posix",
@@ -116,7 +116,12 @@ def read_pins(lock: Path, target: Target, app: str) -> list[Requirement]:
             raise WheelhouseError(f"{where}: pins the app itself; the lock lists its dependencies")
         if name in pins:
             raise WheelhouseError(f"{where}: {req.name} is pinned twice")
-        if req.marker is None or Marker(str(req.marker)).evaluate(target.environment()):
+        # The target does not name the micro version (python_full_version < "3.11.3"):
+        # a pin that applies to some 3.X.Y is in; requirements.txt keeps its marker for
+        # the host's pip to decide.
+        if req.marker is None or any(
+            Marker(str(req.marker)).evaluate(target.environment(micro)) for micro in (0, 99)
+        ):
             pins[name] = req
     return list(pins.values())
 
@@ -181,7 +186,8 @@ def requirements(pins: list[Requirement], files: dict[str, Path], app: Path, hea
     for req in sorted(pins, key=lambda r: canonicalize_name(r.name)):
         path = files[canonicalize_name(req.name)]
         version = next(iter(req.specifier)).version
-        lines.append(f"{req.name}=={version} --hash=sha256:{sha256(path)}")
+        marker = f" ; {req.marker}" if req.marker else ""
+        lines.append(f"{req.name}=={version}{marker} --hash=sha256:{sha256(path)}")
     name, app_version, _, _ = parse_wheel_filename(app.name)
     lines.append(f"{name}=={app_version} --hash=sha256:{sha256(app)}")
     return "\n".join(lines) + "\n"
