@@ -38,7 +38,7 @@ DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN --cap
 
 VENV_STAMP    := $(VENV)/.xagent-venv-stamp
 
-.PHONY: help host venv images lint test-app test-molecule test demo demo-down clean-images \
+.PHONY: help host venv images lint test-app test-tools test-molecule test demo demo-down clean-images \
 	bench bench-smoke dev
 
 help:
@@ -48,8 +48,9 @@ help:
 	@echo "make images        build the bookworm and trixie test-host images (cached by input hash)"
 	@echo "make lint          yamllint, role docs, ansible-lint (production), shellcheck, ruff, mypy"
 	@echo "make test-app      the app's pytest suite (real PostgreSQL/Redis from make host)"
+	@echo "make test-tools    the bundle's own tools (.ci/tests; the wheelhouse tests use PyPI)"
 	@echo "make test-molecule every Molecule scenario: $(SCENARIOS)"
-	@echo "make test          lint + test-app + test-molecule + bench-smoke"
+	@echo "make test          lint + test-app + test-tools + test-molecule + bench-smoke"
 	@echo "make bench         benchmarks, bundle vs naive design (~20 min): docs/benchmarks.md"
 	@echo "make bench-smoke   one short repetition of every benchmark (harness check, no report)"
 	@echo "make dev          run the app locally: one-time work once, then web (reload),"
@@ -87,7 +88,9 @@ dev: venv
 	$(BIN)/xagent-dev $(DEV_ARGS)
 
 # ---- lint -------------------------------------------------------------------------
-# Python outside app/ (test helpers) follows ruff.toml; app/ its own pyproject.
+# Python outside app/ (test helpers, the release role's wheelhouse.py) follows
+# ruff.toml; app/ its own pyproject.
+TOOLS_PY := roles/release/files .ci/tests
 
 lint: venv
 	@failed=(); run() { echo "+ $$*"; "$$@" || failed+=("$$*"); }; \
@@ -95,9 +98,10 @@ lint: venv
 	run $(BIN)/python .ci/check_role_docs.py; \
 	run $(BIN)/ansible-lint; \
 	run shellcheck -S warning $$(git ls-files '*.sh' .ci/run .ci/host-setup); \
-	run $(BIN)/ruff check app molecule bench .ci; \
-	run $(BIN)/ruff format --check app molecule bench .ci; \
+	run $(BIN)/ruff check app molecule bench .ci $(TOOLS_PY); \
+	run $(BIN)/ruff format --check app molecule bench .ci $(TOOLS_PY); \
 	run bash -c "cd app && exec $(BIN)/mypy"; \
+	run $(BIN)/mypy --strict --cache-dir .mypy_cache $(TOOLS_PY); \
 	if [ $${#failed[@]} -gt 0 ]; then printf 'lint FAILED: %s\n' "$${failed[@]}"; exit 1; fi; \
 	echo "lint: all passed"
 
@@ -105,6 +109,9 @@ lint: venv
 
 test-app: venv
 	cd app && $(BIN)/pytest
+
+test-tools: venv
+	$(BIN)/pytest -p no:cacheprovider .ci/tests
 
 test-molecule: venv images
 	@failed=(); \
@@ -130,7 +137,7 @@ test: venv
 	@failed=(); logs=$(ROOT)/.test-logs; rm -rf "$$logs"; mkdir -p "$$logs"; \
 	part() { local name=$$1; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; return "$${PIPESTATUS[0]}"; }; \
 	( $(MAKE) --no-print-directory images 2>&1 | tee "$$logs/images.log" | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
-	for t in lint test-app; do part $$t $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
+	for t in lint test-app test-tools; do part $$t $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
 	wait $$images || failed+=(images); \
 	( rc=0; \
 	  if ! $(MAKE) --no-print-directory test-molecule SCENARIOS="$(SIDE_SCENARIOS)" 2>&1 \

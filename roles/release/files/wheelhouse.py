@@ -32,7 +32,7 @@ from pathlib import Path
 
 from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 TARGET_RE = re.compile(r"^cp3(\d+)([a-z]*)-manylinux_2_(\d+)_([a-z0-9_]+)$")
 # Oldest glibc of a manylinux tag per architecture, and the legacy aliases (PEP 600).
@@ -79,14 +79,14 @@ class Target:
         ]
         return tags
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, micro: int) -> dict[str, str]:
         """Marker environment of the hosts (the lock's markers are theirs, not ours)."""
         return {
             "implementation_name": "cpython",
             "platform_python_implementation": "CPython",
             "python_version": self.python,
-            "python_full_version": f"{self.python}.0",
-            "implementation_version": f"{self.python}.0",
+            "python_full_version": f"{self.python}.{micro}",
+            "implementation_version": f"{self.python}.{micro}",
             "sys_platform": "linux",
             "platform_system": "Linux",
             "os_name": "posix",
@@ -116,7 +116,12 @@ def read_pins(lock: Path, target: Target, app: str) -> list[Requirement]:
             raise WheelhouseError(f"{where}: pins the app itself; the lock lists its dependencies")
         if name in pins:
             raise WheelhouseError(f"{where}: {req.name} is pinned twice")
-        if req.marker is None or Marker(str(req.marker)).evaluate(target.environment()):
+        # The target does not name the micro version (python_full_version < "3.11.3"):
+        # a pin that applies to some 3.X.Y is in; requirements.txt keeps its marker for
+        # the host's pip to decide.
+        if req.marker is None or any(
+            Marker(str(req.marker)).evaluate(target.environment(micro)) for micro in (0, 99)
+        ):
             pins[name] = req
     return list(pins.values())
 
@@ -130,7 +135,10 @@ def sha256(path: Path) -> str:
 
 
 def download(pins: list[Requirement], target: Target, dest: Path, lock: Path) -> None:
-    argv = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    if not pins:  # pip download refuses an empty requirement list
+        return
+    argv = [sys.executable, "-m", "pip", "download", "--no-input", "--no-deps"]
+    argv += ["--only-binary=:all:"]
     argv += ["--implementation", "cp", "--python-version", target.python, "--abi", target.abi]
     for platform in target.platforms():
         argv += ["--platform", platform]
@@ -166,9 +174,9 @@ def match_files(pins: list[Requirement], wheels: Path) -> dict[str, Path]:
             raise WheelhouseError(f"two wheels of {name}: {found[name].name}, {path.name}")
         found[name] = path
     for req in pins:
-        path = found.get(canonicalize_name(req.name))
+        got = found.get(canonicalize_name(req.name))
         wanted = next(iter(req.specifier))
-        if path is None or not wanted.contains(str(parse_wheel_filename(path.name)[1])):
+        if got is None or not wanted.contains(str(parse_wheel_filename(got.name)[1])):
             raise WheelhouseError(f"pip download did not fetch a wheel of {req.name}{wanted}")
     return found
 
@@ -177,9 +185,11 @@ def requirements(pins: list[Requirement], files: dict[str, Path], app: Path, hea
     lines = [f"# {header}"]
     for req in sorted(pins, key=lambda r: canonicalize_name(r.name)):
         path = files[canonicalize_name(req.name)]
-        lines.append(f"{req.name}=={next(iter(req.specifier)).version} --hash=sha256:{sha256(path)}")
-    name, version, _, _ = parse_wheel_filename(app.name)
-    lines.append(f"{name}=={version} --hash=sha256:{sha256(app)}")
+        version = next(iter(req.specifier)).version
+        marker = f" ; {req.marker}" if req.marker else ""
+        lines.append(f"{req.name}=={version}{marker} --hash=sha256:{sha256(path)}")
+    name, app_version, _, _ = parse_wheel_filename(app.name)
+    lines.append(f"{name}=={app_version} --hash=sha256:{sha256(app)}")
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +215,13 @@ def write_archive(wheels: Path, archive: Path) -> None:
 
 
 def prune(cache: Path, keep: int, current: Path) -> None:
+    # Only release ids: the cache directory may hold other things.
     releases = sorted(
-        (p for p in cache.iterdir() if p.is_dir() and p != current),
+        (
+            p
+            for p in cache.iterdir()
+            if p.is_dir() and p != current and re.fullmatch(r"[0-9a-f]+", p.name)
+        ),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
@@ -219,7 +234,10 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     if not re.fullmatch(r"[0-9a-f]+", args.release):
         raise WheelhouseError(f"release id {args.release!r} is not hex")
     wheel, lock = Path(args.wheel), Path(args.lock)
-    app = canonicalize_name(parse_wheel_filename(wheel.name)[0])
+    try:
+        app = canonicalize_name(parse_wheel_filename(wheel.name)[0])
+    except InvalidWheelFilename as exc:
+        raise WheelhouseError(f"app wheel {wheel}: {exc}") from exc
     cache = Path(args.cache_dir).expanduser()
     release = cache / args.release
     entry = release / target.tag
@@ -228,6 +246,8 @@ def build(args: argparse.Namespace) -> dict[str, object]:
     pins = read_pins(lock, target, app)
     changed = False
     if not archive.is_file():
+        # An entry without its archive was not published by this script: rebuild it.
+        shutil.rmtree(entry, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{target.tag}-", dir=release))
         try:
             wheels = tmp / "wheelhouse"
