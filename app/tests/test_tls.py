@@ -317,31 +317,3 @@ def test_postgresql_refuses_plain_other_ca_and_no_password(
 def test_cert_verification_error_is_not_retryable() -> None:
     assert not pgwait.is_retryable(ssl.SSLCertVerificationError("certificate verify failed"))
     assert pgwait.is_retryable(ConnectionRefusedError("refused"))
-
-
-def test_postgresql_ca_file_is_read_for_each_new_connection(
-    tls_pg: ThrowawayPostgres, pki: dict[str, Path], tmp_path: Path
-) -> None:
-    # a deploy that replaces the CA (another CA of your own) does not restart the processes
-    ca_file = tmp_path / "deployed-ca.crt"
-    ca_file.write_bytes(pki["other_ca"].read_bytes())
-    settings = load_settings(
-        database_url=f"postgresql+asyncpg://xagent@127.0.0.1:{tls_pg.port}/postgres",
-        redis_url="redis://127.0.0.1:1/0",
-        database_password=PG_PASSWORD,
-        database_ssl_ca=str(ca_file),
-    )
-
-    async def go() -> None:
-        engine = db.make_engine(settings)
-        try:
-            with pytest.raises(ssl.SSLCertVerificationError):
-                async with engine.connect() as conn:
-                    await conn.execute(text("SELECT 1"))
-            ca_file.write_bytes(pki["ca"].read_bytes())
-            async with engine.connect() as conn:
-                assert await conn.scalar(text("SELECT 1")) == 1
-        finally:
-            await engine.dispose()
-
-    asyncio.run(go())

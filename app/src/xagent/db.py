@@ -20,7 +20,6 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
-    event,
     func,
 )
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -104,19 +103,18 @@ def make_engine(settings: Settings) -> AsyncEngine:
     """A per-process async engine (asyncpg) holding at most ``XAGENT_DATABASE_POOL_SIZE`` +
     ``XAGENT_DATABASE_MAX_OVERFLOW`` connections; a checkout beyond waits for a free one.
     With ``XAGENT_DATABASE_SSL_CA`` every connection is TLS, verified against that CA."""
-    engine = create_async_engine(
+    connect_args: dict[str, Any] = {
+        "timeout": 10,
+        "server_settings": {"application_name": "xagent"},
+    }
+    tls = settings.database_ssl_context()
+    if tls is not None:
+        connect_args["ssl"] = tls
+    return create_async_engine(
         settings.sqlalchemy_url(),
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"timeout": 10, "server_settings": {"application_name": "xagent"}},
+        connect_args=connect_args,
     )
-    if settings.database_ssl_ca is not None:
-        # The CA file is read for each new connection (as redis-py does): a CA replaced by
-        # a deploy is used without restarting the process.
-        @event.listens_for(engine.sync_engine, "do_connect")
-        def _tls(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-            cparams["ssl"] = settings.database_ssl_context()
-
-    return engine
