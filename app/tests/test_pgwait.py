@@ -57,6 +57,8 @@ class ThrowawayPostgres:
         if self.user:
             shutil.chown(self.root, self.user, self.user)
         self.proc: subprocess.Popen[bytes] | None = None
+        # more postgresql.conf settings for start() (test_tls: ssl)
+        self.extra_settings: dict[str, str] = {}
 
     def init(self) -> None:
         argv = [str(self.bindir / "initdb"), "-D", str(self.data), "-U", "xagent"]
@@ -76,6 +78,7 @@ class ThrowawayPostgres:
             "fsync": "off",
             "full_page_writes": "off",
             "max_connections": "20",
+            **self.extra_settings,
         }
         argv = [str(self.bindir / "postgres"), "-D", str(self.data), "-p", str(self.port)]
         for key, value in settings.items():

@@ -6,6 +6,8 @@ The schema is created by the Alembic migrations in ``xagent.migrations`` (run by
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -99,12 +101,20 @@ bootstrap_runs = Table(
 
 def make_engine(settings: Settings) -> AsyncEngine:
     """A per-process async engine (asyncpg) holding at most ``XAGENT_DATABASE_POOL_SIZE`` +
-    ``XAGENT_DATABASE_MAX_OVERFLOW`` connections; a checkout beyond waits for a free one."""
+    ``XAGENT_DATABASE_MAX_OVERFLOW`` connections; a checkout beyond waits for a free one.
+    With ``XAGENT_DATABASE_SSL_CA`` every connection is TLS, verified against that CA."""
+    connect_args: dict[str, Any] = {
+        "timeout": 10,
+        "server_settings": {"application_name": "xagent"},
+    }
+    tls = settings.database_ssl_context()
+    if tls is not None:
+        connect_args["ssl"] = tls
     return create_async_engine(
         settings.sqlalchemy_url(),
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
         pool_pre_ping=True,
         pool_recycle=1800,
-        connect_args={"timeout": 10, "server_settings": {"application_name": "xagent"}},
+        connect_args=connect_args,
     )

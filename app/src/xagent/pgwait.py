@@ -9,6 +9,7 @@ errors that waiting cannot fix (wrong password, missing database, ...) fail imme
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections.abc import Callable, Iterator
 
@@ -54,6 +55,10 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def is_retryable(exc: BaseException) -> bool:
     """True when waiting may help: the server is not there yet, starting, stopping or full."""
+    # a certificate that does not verify (wrong CA, name not in it) stays so: an OSError
+    # subclass that waiting cannot fix
+    if any(isinstance(item, ssl.SSLCertVerificationError) for item in _chain(exc)):
+        return False
     state = _sqlstate(exc)
     if state is not None:
         return state.startswith(_RETRY_SQLSTATE_PREFIXES) or state in _RETRY_SQLSTATES

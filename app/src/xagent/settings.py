@@ -14,6 +14,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import urllib.parse
 from functools import lru_cache
 from pathlib import Path
@@ -248,10 +249,17 @@ class Settings(BaseSettings):
         return url
 
     def redis_kwargs(self) -> dict[str, Any]:
-        """Extra connection arguments for redis clients (the password secret)."""
-        if self.redis_password is None:
-            return {}
-        return {"password": self.redis_password.get_secret_value()}
+        """Extra connection arguments for redis clients (the password secret, the CA)."""
+        kwargs: dict[str, Any] = {}
+        if self.redis_password is not None:
+            kwargs["password"] = self.redis_password.get_secret_value()
+        if self.redis_ssl_ca is not None:
+            kwargs.update(
+                ssl_ca_certs=str(self.redis_ssl_ca),
+                ssl_cert_reqs="required",
+                ssl_check_hostname=True,
+            )
+        return kwargs
 
     # -- bootstrap limits for unattended boots and release units (a block of its own at the
     # end of the class; fields declared after methods are still pydantic fields) ----------
@@ -260,6 +268,43 @@ class Settings(BaseSettings):
     # A model download fails when no new byte arrived for this long, across resumed
     # attempts. It replaces download_retries (above: still accepted, no longer used).
     download_stall_seconds: float = Field(default=120.0, gt=0)
+
+    # -- TLS to the data services (another host: traffic between hosts is encrypted) -------
+    # CA certificate (PEM) the server's certificate must chain to, its name (the host of the
+    # URL) checked too. Redis: needs a rediss:// URL. PostgreSQL: TLS is then required (no
+    # clear-text fallback). Empty or unset: Redis as the URL says, PostgreSQL as asyncpg's
+    # default (TLS if offered, unverified; plain loopback setups).
+    redis_ssl_ca: Path | None = None
+    database_ssl_ca: Path | None = None
+
+    @field_validator("redis_ssl_ca", "database_ssl_ca", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        # the roles render every setting, an empty one for "no TLS"
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_ssl_ca", "database_ssl_ca")
+    @classmethod
+    def _readable_ca(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=str(value))
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"{value}: not a readable PEM CA certificate ({exc})") from None
+        if info.field_name == "redis_ssl_ca":
+            url = info.data.get("redis_url")
+            if isinstance(url, str) and not url.startswith("rediss://"):
+                raise ValueError(f"needs a rediss:// XAGENT_REDIS_URL (got {redact_url(url)!r})")
+        return value
+
+    def database_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for asyncpg verifying the server against ``XAGENT_DATABASE_SSL_CA``."""
+        if self.database_ssl_ca is None:
+            return None
+        # create_default_context: CERT_REQUIRED and check_hostname (IP addresses in the SAN
+        # match too)
+        return ssl.create_default_context(cafile=str(self.database_ssl_ca))
 
 
 def _read_credentials(directory: str) -> dict[str, str]:
