@@ -1,7 +1,8 @@
 """Print what failed in the logs of a `make test` run, briefly.
 
 CI keeps only the tail of the output, so `make test` ends with this digest: the failed
-pytest tests with their assertion lines, and each failed Ansible task with its message.
+pytest tests with their assertion lines, each failed Ansible task with its message, the
+bench smoke's findings and the last line of every Python traceback.
 
     python3 .ci/digest.py LOG...
 """
@@ -33,6 +34,12 @@ def digest(text: str) -> list[str]:
         ):
             out.append(task)
             out += [s[:300] for s in lines[i : i + 12]]
+    # bench smoke: what validate() found missing, and an exception that stopped a run
+    out += [line for line in lines if "SMOKE FAILED" in line]
+    for i, line in enumerate(lines):
+        if re.match(r"(\[\S+\] )?Traceback \(most recent call last\)", line):
+            ends = [s for s in lines[i + 1 : i + 200] if re.match(r"(\[\S+\] )?\w[\w.]*: ", s)]
+            out += [s[:300] for s in ends[:1]]
     out += [line for line in lines if re.search(r"=== \S+: FAILED|scenarios: .*failed", line)]
     return out[:MAX_LINES_PER_LOG]
 
