@@ -21,10 +21,10 @@ STATE = Path(os.environ.get("BENCH_STATE", BENCH / ".state"))
 HOST = "xagent-bench"
 IMAGE = "xagent-testhost:bookworm"
 APP = "xagent"
-WEB_PORT = 38000
-NAIVE_PORT = 38001
-BARE_PORT = 38002
-ORIGIN_PORT = 38099
+WEB_PORT = 30000
+NAIVE_PORT = 30001
+BARE_PORT = 30002
+ORIGIN_PORT = 30099
 VENV_PY = f"/opt/{APP}/current/venv/bin/python"
 HOST_DIR = "/opt/xagent-bench"
 # Same flags as `make demo` / the Molecule platform (systemd as PID 1, host networking).

@@ -6,7 +6,7 @@ connection, like one uplink), so four workers downloading at once each get a qua
 it, as they would in production. ``GET /_stats`` returns the bytes and requests per file
 since the last ``POST /_reset``; ``POST /_rate?mbps=N`` changes the cap (0 = none).
 
-    python3 bench/origin.py --dir DIR --port 38099 [--mbps 50]
+    python3 bench/origin.py --dir DIR --port 30099 [--mbps 50]
 """
 
 from __future__ import annotations

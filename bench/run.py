@@ -5,8 +5,8 @@
     .venv/bin/python bench/run.py --smoke      one short repetition of each (make bench-smoke)
     .venv/bin/python bench/run.py --only P1,P5 --keep    some benchmarks; keep the host
 
-One systemd container (xagent-bench, host networking, ports 38000/38001/38002 web,
-36379 redis, 35432 postgresql, 38099 model origin) gets the bundle through
+One systemd container (xagent-bench, host networking, ports 30000/30001/30002 web,
+30379 redis, 30432 postgresql, 30099 model origin) gets the bundle through
 playbooks/site.yml; the naive design runs in the same host from the same release, so both
 designs meet the same kernel, CPUs and background load, alternating within each
 repetition. Results: bench/results/<smoke|full>.json; docs/benchmarks.md and its plots are
