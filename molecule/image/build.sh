@@ -39,13 +39,15 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE_DIR=$(cd "$HERE/.." && pwd)/.image-cache
 
 # Baked into the image. python3-apt: Ansible's apt module needs it; sudo:
-# become_user (e.g. postgres) with the default become method. Everything
-# else the roles install themselves through apt (host networking).
+# become_user (e.g. postgres) with the default become method; openssh-server:
+# Ansible reaches the hosts over SSH, as it reaches real servers (Molecule's
+# prepare gives each sshd an address and port of its own). Everything else
+# the roles install themselves through apt (host networking).
 PACKAGES=(
     systemd systemd-sysv dbus
     python3 python3-apt
     ca-certificates debian-archive-keyring
-    iproute2 procps sudo
+    iproute2 procps sudo openssh-server
 )
 # Units that make no sense in a container (no console, no kernel mounts to
 # manage, read-only /sys); masked so the system reaches "running".
@@ -187,6 +189,8 @@ ExecStart=/bin/mount --make-rshared /
 [Install]
 WantedBy=sysinit.target
 EOF
+# ssh stays off at boot: under host networking its default 0.0.0.0:22 is the
+# machine's own port. Molecule's prepare configures and starts it.
 cat >"$CTX/Dockerfile" <<EOF
 FROM $ROOTFS_TAG
 LABEL org.opencontainers.image.title="xagent test host ($SUITE)" \\
@@ -203,6 +207,7 @@ RUN rm -f /etc/apt/sources.list \\
  && systemctl enable testhost-rshared.service \\
  && systemctl mask ${MASK_UNITS[*]} \\
  && systemctl set-default multi-user.target \\
+ && systemctl disable ssh.service ssh.socket \\
  && : > /etc/machine-id
 STOPSIGNAL SIGRTMIN+3
 CMD ["/lib/systemd/systemd"]
