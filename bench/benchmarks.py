@@ -291,11 +291,9 @@ def bare_boot(ctx: Context) -> dict[str, Any]:
             if host.sh(f"systemctl is-failed {unit} || true").strip() == "failed":
                 break
         time.sleep(0.02)
-    journal = (
-        "" if boot is not None else host.sh(f"journalctl -u {unit} -n 15 --no-pager -o cat || true")
-    )
     host.sh(f"systemctl stop {unit} 2>/dev/null || true")
     if boot is None:
+        journal = host.sh(f"journalctl -u {unit} -n 20 --no-pager -o cat || true")
         raise RuntimeError(f"{unit} never answered {url}; its journal:\n{journal}")
     return {"import_s": round(float(imp.strip().splitlines()[-1]), 3), "boot_s": round(boot, 3)}
 
