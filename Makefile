@@ -38,14 +38,15 @@ DOCKER_SYSTEMD_FLAGS := --network host --cgroupns host --cap-add SYS_ADMIN --cap
 
 VENV_STAMP    := $(VENV)/.xagent-venv-stamp
 
-.PHONY: help host venv images lint test-app test-tools test-molecule test demo demo-down clean-images \
+.PHONY: help host venv images vm-image lint test-app test-tools test-molecule test demo demo-down clean-images \
 	bench bench-smoke dev
 
 help:
-	@echo "make host          install docker.io, debootstrap, redis, postgresql; start dockerd and"
+	@echo "make host          install docker.io, debootstrap, qemu, redis, postgresql; start dockerd and"
 	@echo "                   the app tests' PostgreSQL and Redis on loopback (root; make test needs it)"
 	@echo "make venv          create .venv from requirements-dev.txt (+ app[dev])"
 	@echo "make images        build the bookworm and trixie test-host images (cached by input hash)"
+	@echo "make vm-image      build the test VM's disk image and kernel (cached by input hash)"
 	@echo "make lint          yamllint, role docs, ansible-lint (production), shellcheck, ruff, mypy"
 	@echo "make test-app      the app's pytest suite (real PostgreSQL/Redis from make host)"
 	@echo "make test-tools    the bundle's own tools (.ci/tests; the wheelhouse tests use PyPI)"
@@ -73,6 +74,11 @@ $(VENV_STAMP): requirements-dev.txt app/pyproject.toml app/requirements.lock
 	@touch $@
 
 venv: $(VENV_STAMP)
+
+# The test VM's disk image, kernel and initramfs (molecule/image/build-vm.sh; ~2 min).
+VM_SUITE ?= bookworm
+vm-image:
+	@molecule/image/build-vm.sh $(VM_SUITE) >/dev/null
 
 # Both suites in parallel (debootstrap is mostly download and dpkg; ~2 min each).
 images:
@@ -113,7 +119,9 @@ test-app: venv
 test-tools: venv
 	$(BIN)/pytest -p no:cacheprovider .ci/tests
 
-test-molecule: venv images
+# Container scenarios need the test-host images, the vm scenario its disk image.
+MOLECULE_IMAGES := $(if $(filter-out vm,$(SCENARIOS)),images) $(if $(filter vm,$(SCENARIOS)),vm-image)
+test-molecule: venv $(MOLECULE_IMAGES)
 	@failed=(); \
 	for s in $(SCENARIOS); do \
 		echo "=== molecule test -s $$s"; start=$$SECONDS; \
@@ -124,8 +132,9 @@ test-molecule: venv images
 	echo "all scenarios passed: $(SCENARIOS)"
 
 # Everything runs even when one part fails, so one CI run reports everything.
-# The test-host images (debootstrap: downloads and dpkg) build during lint and
-# the app tests. Then three streams side by side (a scenario keeps about one
+# The VM scenario (the longest: software emulation) starts first and runs
+# beside everything else. The test-host images (debootstrap: downloads and
+# dpkg) build during lint and the app tests. Then three more streams side by side (a scenario keeps about one
 # core busy only while Ansible works; most of its time it waits on hosts):
 # `default`, `cluster` (the two longest), and the other scenarios followed by
 # the bench smoke. Every scenario has its own ports (docs/contract.md); the
@@ -133,11 +142,14 @@ test-molecule: venv images
 # failed request is still a bug.
 MAIN_SCENARIOS := $(filter default,$(SCENARIOS))
 CLUSTER_SCENARIOS := $(filter cluster,$(SCENARIOS))
-SIDE_SCENARIOS := $(filter-out $(MAIN_SCENARIOS) $(CLUSTER_SCENARIOS),$(SCENARIOS))
+VM_SCENARIOS := $(filter vm,$(SCENARIOS))
+SIDE_SCENARIOS := $(filter-out $(MAIN_SCENARIOS) $(CLUSTER_SCENARIOS) $(VM_SCENARIOS),$(SCENARIOS))
 test: venv
 	@failed=(); logs=$(ROOT)/.test-logs; rm -rf "$$logs"; mkdir -p "$$logs"; \
 	part() { local name=$$1; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; return "$${PIPESTATUS[0]}"; }; \
 	( $(MAKE) --no-print-directory images 2>&1 | tee "$$logs/images.log" | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
+	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(VM_SCENARIOS)" 2>&1 \
+	      | tee "$$logs/molecule-vm.log" | sed -u 's/^/[vm] /'; exit "$${PIPESTATUS[0]}" ) & vm=$$!; \
 	for t in lint test-app test-tools; do part $$t $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
 	wait $$images || failed+=(images); \
 	( rc=0; \
@@ -150,6 +162,7 @@ test: venv
 	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /'; exit "$${PIPESTATUS[0]}" ) & cluster=$$!; \
 	part molecule-main $(MAKE) --no-print-directory test-molecule SCENARIOS="$(MAIN_SCENARIOS)" || failed+=(test-molecule-main); \
 	wait $$cluster || failed+=(test-molecule-cluster); \
+	wait $$vm || failed+=(test-molecule-vm); \
 	rc=0; wait $$side || rc=$$?; \
 	if (( rc & 1 )); then failed+=(test-molecule); fi; if (( rc & 2 )); then failed+=(bench-smoke); fi; \
 	if [ $${#failed[@]} -gt 0 ]; then \

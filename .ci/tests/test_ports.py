@@ -10,8 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-# YAML keys ending in _port with a literal number, and the bench's *_PORT constants
-YAML_PORT = re.compile(r"^\s*(\w*_port):\s*(\d+)\s*$", re.M)
+# YAML keys ending in _port (or _PORT: environment variables) with a literal number,
+# quoted or not, and the bench's *_PORT constants
+YAML_PORT = re.compile(r"^\s*(\w*_(?:port|PORT)):\s*\"?(\d+)\"?\s*$", re.M)
 PY_PORT = re.compile(r"^(\w*_PORT)\s*=\s*(\d+)\s*$", re.M)
 
 
@@ -38,7 +39,7 @@ def fixed_ports() -> list[tuple[str, str, int]]:
 
 def test_ports_are_found() -> None:
     names = {key for _, key, _ in fixed_ports()}
-    assert {"web_port", "redis_port", "postgresql_port", "BARE_PORT"} <= names
+    assert {"web_port", "redis_port", "postgresql_port", "BARE_PORT", "XAGENT_VM_SSH_PORT"} <= names
 
 
 def test_no_fixed_port_in_the_ephemeral_range() -> None:
