@@ -145,8 +145,9 @@ CLUSTER_SCENARIOS := $(filter cluster,$(SCENARIOS))
 VM_SCENARIOS := $(filter vm,$(SCENARIOS))
 SIDE_SCENARIOS := $(filter-out $(MAIN_SCENARIOS) $(CLUSTER_SCENARIOS) $(VM_SCENARIOS),$(SCENARIOS))
 test: venv
-	@failed=(); logs=$(ROOT)/.test-logs; rm -rf "$$logs"; mkdir -p "$$logs"; \
-	part() { local name=$$1; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; return "$${PIPESTATUS[0]}"; }; \
+	@failed=(); logs=$(ROOT)/.test-logs; rm -rf "$$logs"; mkdir -p "$$logs"; t0=$$SECONDS; \
+	part() { local name=$$1 start=$$SECONDS rc; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; rc=$${PIPESTATUS[0]}; \
+	  echo "$$name: $$((SECONDS - start)) s" >>"$$logs/times"; return "$$rc"; }; \
 	( $(MAKE) --no-print-directory images 2>&1 | tee "$$logs/images.log" | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
 	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(VM_SCENARIOS)" 2>&1 \
 	      | tee "$$logs/molecule-vm.log" | sed -u 's/^/[vm] /'; exit "$${PIPESTATUS[0]}" ) & vm=$$!; \
@@ -155,8 +156,10 @@ test: venv
 	( rc=0; \
 	  if ! $(MAKE) --no-print-directory test-molecule SCENARIOS="$(SIDE_SCENARIOS)" 2>&1 \
 	      | tee "$$logs/molecule-side.log" | sed -u 's/^/[side] /'; then rc=1; fi; \
+	  start=$$SECONDS; \
 	  if ! BENCH_CPU_SHARES=1024 $(MAKE) --no-print-directory bench-smoke 2>&1 \
 	      | tee "$$logs/bench-smoke.log" | sed -u 's/^/[bench-smoke] /'; then rc=$$((rc + 2)); fi; \
+	  echo "bench-smoke: $$((SECONDS - start)) s" >>"$$logs/times"; \
 	  exit $$rc ) & side=$$!; \
 	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(CLUSTER_SCENARIOS)" 2>&1 \
 	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /'; exit "$${PIPESTATUS[0]}" ) & cluster=$$!; \
@@ -165,6 +168,8 @@ test: venv
 	wait $$vm || failed+=(test-molecule-vm); \
 	rc=0; wait $$side || rc=$$?; \
 	if (( rc & 1 )); then failed+=(test-molecule); fi; if (( rc & 2 )); then failed+=(bench-smoke); fi; \
+	echo "--- time of each part (make test: $$((SECONDS - t0)) s)"; cat "$$logs/times"; \
+	grep -h -E '^=== \S+: (OK in|FAILED after)' "$$logs"/molecule-*.log || true; \
 	if [ $${#failed[@]} -gt 0 ]; then \
 		$(BIN)/python .ci/digest.py "$$logs"/*.log; echo "make test FAILED: $${failed[*]} (logs: .test-logs/)"; exit 1; fi; \
 	echo "make test: all passed"
