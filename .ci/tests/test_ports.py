@@ -11,8 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 # YAML keys ending in _port (or _PORT: environment variables) with a literal number,
-# quoted or not, and the bench's *_PORT constants
-YAML_PORT = re.compile(r"^\s*(\w*_(?:port|PORT)):\s*\"?(\d+)\"?\s*$", re.M)
+# quoted or not, or as the default of Molecule's ${NAME:-default}; the bench's *_PORT
+YAML_PORT = re.compile(r"^\s*(\w*_(?:port|PORT)):\s*\"?(?:\$\{\w+:-)?(\d+)\}?\"?\s*$", re.M)
 PY_PORT = re.compile(r"^(\w*_PORT)\s*=\s*(\d+)\s*$", re.M)
 
 
