@@ -132,8 +132,8 @@ test-molecule: venv $(MOLECULE_IMAGES)
 	echo "all scenarios passed: $(SCENARIOS)"
 
 # Everything runs even when one part fails, so one CI run reports everything.
-# The VM scenario (the longest: software emulation) starts first and runs
-# beside everything else. The test-host images (debootstrap: downloads and
+# With XAGENT_TEST_VM=1 the VM scenario (the longest: software emulation) starts
+# first and runs beside everything else. The test-host images (debootstrap: downloads and
 # dpkg) build during lint and the app tests. Then three more streams side by side (a scenario keeps about one
 # core busy only while Ansible works; most of its time it waits on hosts):
 # `default`, `cluster` (the two longest), and the other scenarios followed by
@@ -142,15 +142,19 @@ test-molecule: venv $(MOLECULE_IMAGES)
 # failed request is still a bug.
 MAIN_SCENARIOS := $(filter default,$(SCENARIOS))
 CLUSTER_SCENARIOS := $(filter cluster,$(SCENARIOS))
-VM_SCENARIOS := $(filter vm,$(SCENARIOS))
-SIDE_SCENARIOS := $(filter-out $(MAIN_SCENARIOS) $(CLUSTER_SCENARIOS) $(VM_SCENARIOS),$(SCENARIOS))
+# The vm scenario (software emulation) keeps both cores busy: beside the load probes of
+# the container scenarios it starved their web into 15 s timeouts. Until it is fast
+# enough to run apart, make test runs it only with XAGENT_TEST_VM=1.
+VM_SCENARIOS := $(if $(filter 1,$(XAGENT_TEST_VM)),$(filter vm,$(SCENARIOS)))
+SIDE_SCENARIOS := $(filter-out $(MAIN_SCENARIOS) $(CLUSTER_SCENARIOS) vm,$(SCENARIOS))
 test: venv
 	@failed=(); logs=$(ROOT)/.test-logs; rm -rf "$$logs"; mkdir -p "$$logs"; t0=$$SECONDS; \
 	part() { local name=$$1 start=$$SECONDS rc; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; rc=$${PIPESTATUS[0]}; \
 	  echo "$$name: $$((SECONDS - start)) s" >>"$$logs/times"; return "$$rc"; }; \
 	( $(MAKE) --no-print-directory images 2>&1 | tee "$$logs/images.log" | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
+	vm=; if [ -n "$(VM_SCENARIOS)" ]; then \
 	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(VM_SCENARIOS)" 2>&1 \
-	      | tee "$$logs/molecule-vm.log" | sed -u 's/^/[vm] /'; exit "$${PIPESTATUS[0]}" ) & vm=$$!; \
+	      | tee "$$logs/molecule-vm.log" | sed -u 's/^/[vm] /'; exit "$${PIPESTATUS[0]}" ) & vm=$$!; fi; \
 	for t in lint test-app test-tools; do part $$t $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
 	wait $$images || failed+=(images); \
 	( rc=0; \
@@ -165,7 +169,7 @@ test: venv
 	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /'; exit "$${PIPESTATUS[0]}" ) & cluster=$$!; \
 	part molecule-main $(MAKE) --no-print-directory test-molecule SCENARIOS="$(MAIN_SCENARIOS)" || failed+=(test-molecule-main); \
 	wait $$cluster || failed+=(test-molecule-cluster); \
-	wait $$vm || failed+=(test-molecule-vm); \
+	if [ -n "$$vm" ]; then wait $$vm || failed+=(test-molecule-vm); fi; \
 	rc=0; wait $$side || rc=$$?; \
 	if (( rc & 1 )); then failed+=(test-molecule); fi; if (( rc & 2 )); then failed+=(bench-smoke); fi; \
 	echo "--- time of each part (make test: $$((SECONDS - t0)) s)"; cat "$$logs/times"; \
