@@ -122,10 +122,11 @@ set -eu
 for word in $(cat /proc/cmdline); do
     case $word in
         xagent.ssh_key=*)
-            install -d -m 0700 -o deploy -g deploy /home/deploy/.ssh
-            echo "${word#xagent.ssh_key=}" | base64 -d >/home/deploy/.ssh/authorized_keys
-            chown deploy:deploy /home/deploy/.ssh/authorized_keys
-            chmod 0600 /home/deploy/.ssh/authorized_keys ;;
+            ssh_dir="$(getent passwd deploy | cut -d: -f6)/.ssh"
+            install -d -m 0700 -o deploy -g deploy "$ssh_dir"
+            echo "${word#xagent.ssh_key=}" | base64 -d >"$ssh_dir/authorized_keys"
+            chown deploy:deploy "$ssh_dir/authorized_keys"
+            chmod 0600 "$ssh_dir/authorized_keys" ;;
     esac
 done
 EOF
