@@ -270,7 +270,7 @@ def test_models_step_downloads_resumes_and_skips(
     first = run_bootstrap(env, "all")
     assert first.returncode == 0, first.stderr
     assert "resuming at 700000 bytes" in first.stdout
-    assert (models_dir / "weights.bin").read_bytes() == data
+    assert (models_dir / f"weights.bin@{spec['sha256'][:32]}").read_bytes() == data
     second = run_bootstrap(env, "models")
     assert second.returncode == 0
     assert "models: weights.bin present" in second.stdout
@@ -321,7 +321,7 @@ def test_concurrent_models_runs_download_each_file_once(
     ]
     assert "models: big.bin downloaded, small.bin downloaded" in first.log()
     assert "models: big.bin present, small.bin present" in second.log()
-    assert (models_dir / "big.bin").read_bytes() == big
+    assert (models_dir / f"big.bin@{specs[0]['sha256'][:32]}").read_bytes() == big
 
 
 def test_models_step_wrong_checksum_fails(
@@ -333,7 +333,6 @@ def test_models_step_wrong_checksum_fails(
     env = base_env(fresh_db, "q", models_dir, XAGENT_MODELS=json.dumps([spec]))
     line = _one_line_error(run_bootstrap(env, "models"))
     assert "w.bin: sha256 mismatch" in line
-    assert not (models_dir / "w.bin").exists()
     assert [p.name for p in models_dir.iterdir() if p.name != ".lock"] == []
 
 

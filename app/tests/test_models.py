@@ -15,7 +15,7 @@ import pytest
 
 from fileserver import FileServer
 from xagent import models
-from xagent.settings import ModelSpec
+from xagent.settings import ModelSpec, Settings, load_settings
 
 SIZE = 3 * 1024 * 1024 + 123
 
@@ -46,9 +46,10 @@ def test_download_verifies_and_then_skips(
     spec = _spec(server.url("m.bin"), payload)
     lines: list[str] = []
     assert models.ensure_model(spec, tmp_path, out=lines.append) == "downloaded"
-    assert (tmp_path / "m.bin").read_bytes() == payload
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == payload
     assert models.stamp_ok(models.paths_for(tmp_path, spec), spec.sha256)
-    assert _leftovers(tmp_path) == [".m.bin.verified", "m.bin"]
+    name = f"m.bin@{spec.sha256[:32]}"
+    assert _leftovers(tmp_path) == [f".{name}.verified", name]
     assert len(server.requests) == 1
 
     assert models.ensure_model(spec, tmp_path, out=lines.append) == "present"
@@ -63,7 +64,7 @@ def test_download_resumes_after_dropped_connection(
     spec = _spec(server.url("m.bin"), payload)
     lines: list[str] = []
     assert models.ensure_model(spec, tmp_path, out=lines.append) == "downloaded"
-    assert (tmp_path / "m.bin").read_bytes() == payload
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == payload
     assert [r.range for r in server.requests] == [None, f"bytes={cut}-"]
     assert any("transfer broken" in line for line in lines), lines
     assert any(f"resuming at {cut} bytes" in line for line in lines), lines
@@ -73,10 +74,10 @@ def test_partial_file_from_an_earlier_run_is_resumed(
     server: FileServer, payload: bytes, tmp_path: Path
 ) -> None:
     spec = _spec(server.url("m.bin"), payload)
-    (tmp_path / ".m.bin.part").write_bytes(payload[:500_000])
+    models.paths_for(tmp_path, spec).part.write_bytes(payload[:500_000])
     assert models.ensure_model(spec, tmp_path, out=lambda _: None) == "downloaded"
     assert [r.range for r in server.requests] == ["bytes=500000-"]
-    assert (tmp_path / "m.bin").read_bytes() == payload
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == payload
 
 
 def test_wrong_sha256_fails_and_leaves_nothing(
@@ -92,13 +93,13 @@ def test_wrong_sha256_fails_and_leaves_nothing(
     assert len(server.requests) == 1  # permanent: no retry
 
 
-def test_stale_file_with_wrong_content_is_replaced(
+def test_damaged_file_with_wrong_content_is_replaced(
     server: FileServer, payload: bytes, tmp_path: Path
 ) -> None:
-    (tmp_path / "m.bin").write_bytes(b"old model")
     spec = _spec(server.url("m.bin"), payload)
+    models.paths_for(tmp_path, spec).final.write_bytes(b"damaged model")
     assert models.ensure_model(spec, tmp_path, out=lambda _: None) == "downloaded"
-    assert (tmp_path / "m.bin").read_bytes() == payload
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == payload
 
 
 def test_existing_verified_file_without_stamp_is_hashed_once(
@@ -112,14 +113,15 @@ def test_existing_verified_file_without_stamp_is_hashed_once(
         return real_sha256_file(path)
 
     monkeypatch.setattr(models, "sha256_file", counting_sha256_file)
-    (tmp_path / "m.bin").write_bytes(payload)
     spec = _spec("http://127.0.0.1:9/never-used", payload)
+    paths = models.paths_for(tmp_path, spec)
+    paths.final.write_bytes(payload)
     assert models.ensure_model(spec, tmp_path, out=lambda _: None) == "present"
-    assert hashed == [tmp_path / "m.bin"]
-    assert (tmp_path / ".m.bin.verified").exists()
+    assert hashed == [paths.final]
+    assert paths.stamp.exists()
     # the second run (the next boot) trusts the stamp: no re-hash of a large file
     assert models.ensure_model(spec, tmp_path, out=lambda _: None) == "present"
-    assert hashed == [tmp_path / "m.bin"]
+    assert hashed == [paths.final]
 
 
 def test_http_error_is_reported(server: FileServer, tmp_path: Path) -> None:
@@ -163,7 +165,7 @@ def test_server_errors_and_try_later_are_retried(
     lines: list[str] = []
     assert models.ensure_model(spec, tmp_path, out=lines.append, stall_seconds=60) == "downloaded"
     assert [r.status for r in server.requests] == [503, 429, 408, 200]
-    assert (tmp_path / "m.bin").read_bytes() == payload
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == payload
     assert any("transfer broken (HTTP 503)" in line for line in lines), lines
 
 
@@ -175,7 +177,7 @@ def test_repeated_drops_with_progress_complete(
     spec = _spec(server.url("m.bin"), payload)
     lines: list[str] = []
     assert models.ensure_model(spec, tmp_path, out=lines.append, stall_seconds=30) == "downloaded"
-    assert (tmp_path / "m.bin").read_bytes() == payload
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == payload
     ranges = [r.range for r in server.requests]
     assert len(ranges) == -(-SIZE // 200_000)  # 16 attempts, far more than any retry count
     assert ranges == [None] + [f"bytes={n * 200_000}-" for n in range(1, len(ranges))]
@@ -196,7 +198,7 @@ def test_stalled_server_fails_after_the_stall_limit(
     assert "XAGENT_DOWNLOAD_STALL_SECONDS=2" in message
     assert elapsed >= 2
     # what arrived is kept for the next run, which resumes there
-    assert (tmp_path / ".m.bin.part").stat().st_size == 1_000_000
+    assert models.paths_for(tmp_path, spec).part.stat().st_size == 1_000_000
     server.resume()
     assert models.ensure_model(spec, tmp_path, out=lines.append) == "downloaded"
     assert server.requests[-1].range == "bytes=1000000-"
@@ -230,7 +232,7 @@ def test_slow_but_steady_download_is_not_cut_off(payload: bytes, tmp_path: Path)
     assert result == "downloaded"
     assert elapsed > 3.9  # 40 chunks, 39 pauses of 0.1 s: in one request
     assert [r.range for r in srv.requests] == [None]
-    assert (tmp_path / "slow.bin").read_bytes() == data
+    assert models.paths_for(tmp_path, spec).final.read_bytes() == data
 
 
 def test_file_url(payload: bytes, tmp_path: Path) -> None:
@@ -241,7 +243,7 @@ def test_file_url(payload: bytes, tmp_path: Path) -> None:
     dest.mkdir()
     spec = _spec(source.as_uri(), payload, name="local.bin")
     assert models.ensure_model(spec, dest, out=lambda _: None) == "downloaded"
-    assert (dest / "local.bin").read_bytes() == payload
+    assert models.paths_for(dest, spec).final.read_bytes() == payload
 
 
 def test_progress_lines_show_percent_and_speed(
@@ -258,7 +260,7 @@ def test_progress_lines_show_percent_and_speed(
 
 
 def test_stall_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from xagent.settings import SettingsError, load_settings
+    from xagent.settings import SettingsError
 
     base = {"database_url": "postgresql://x@127.0.0.1/x", "redis_url": "redis://127.0.0.1/0"}
     monkeypatch.delenv("XAGENT_DOWNLOAD_STALL_SECONDS", raising=False)
@@ -267,3 +269,73 @@ def test_stall_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XAGENT_DOWNLOAD_STALL_SECONDS", "0")
     with pytest.raises(SettingsError, match=r"^XAGENT_DOWNLOAD_STALL_SECONDS: "):
         load_settings(**base)
+
+
+def _settings(models_dir: Path, *specs: ModelSpec) -> Settings:
+    return load_settings(
+        database_url="postgresql://x@127.0.0.1/x",
+        redis_url="redis://127.0.0.1/0",
+        models_dir=models_dir,
+        models=list(specs),
+    )
+
+
+def test_changed_model_failing_download_leaves_the_live_version(
+    server: FileServer, payload: bytes, tmp_path: Path
+) -> None:
+    """The same name with new content goes to a new path: a failed download of the new
+    content leaves the file (and stamp) the live release reads as they were."""
+    live = _spec(server.url("m.bin"), payload)
+    assert models.ensure_all(_settings(tmp_path, live), out=lambda _: None) == {
+        "m.bin": "downloaded"
+    }
+    live_paths = models.paths_for(tmp_path, live)
+    inode = live_paths.final.stat().st_ino
+    broken = ModelSpec(name="m.bin", url=server.url("missing.bin"), sha256="1" * 64)
+    with pytest.raises(models.ModelError, match="HTTP 404"):
+        models.ensure_all(_settings(tmp_path, broken), out=lambda _: None)
+    assert live_paths.final.stat().st_ino == inode
+    assert models.check_all(_settings(tmp_path, live)) == []
+    assert models.check_all(_settings(tmp_path, broken)) == ["m.bin missing or not verified"]
+
+
+def test_old_versions_are_pruned_keeping_the_one_before(tmp_path: Path) -> None:
+    """Three versions of one name in turn: the wanted one and the one verified before it
+    stay (the live release's, a rollback's), the oldest goes, so do other partials."""
+    sources = tmp_path / "src"
+    sources.mkdir()
+    dest = tmp_path / "models"
+    specs = []
+    for n in range(3):
+        data = f"version {n}".encode()
+        (sources / f"v{n}").write_bytes(data)
+        specs.append(_spec((sources / f"v{n}").as_uri(), data, name="m.bin"))
+    other = _spec((sources / "v0").as_uri(), b"version 0", name="other.bin")
+    for n, spec in enumerate(specs):
+        models.ensure_all(_settings(dest, spec, other), out=lambda _: None)
+        os.utime(models.paths_for(dest, spec).stamp, (1000 + n, 1000 + n))
+    stray = models.paths_for(dest, _spec("file:///x", b"never finished", name="m.bin")).part
+    stray.write_bytes(b"never")
+    lines: list[str] = []
+    models.ensure_all(_settings(dest, specs[2], other), out=lines.append)
+    kept = {models.file_name(s) for s in (specs[1], specs[2], other)}
+    assert {p.name for p in dest.iterdir() if not p.name.startswith(".")} == kept
+    assert not stray.exists()
+    assert not models.paths_for(dest, specs[0]).stamp.exists()
+    assert any("removed old versions" in line for line in lines), lines
+
+
+def test_file_of_the_old_layout_is_adopted_without_download(payload: bytes, tmp_path: Path) -> None:
+    """Before content addressing the file was ``NAME`` with ``.NAME.verified``: an upgrade
+    gives it its new name by a hard link (the old release keeps reading ``NAME``)."""
+    spec = _spec("http://127.0.0.1:9/never-used", payload)
+    old = tmp_path / "m.bin"
+    old.write_bytes(payload)
+    st = old.stat()
+    (tmp_path / ".m.bin.verified").write_text(
+        f"{spec.sha256} {st.st_size} {st.st_mtime_ns}\n", encoding="ascii"
+    )
+    assert models.ensure_all(_settings(tmp_path, spec), out=lambda _: None) == {"m.bin": "present"}
+    new = models.paths_for(tmp_path, spec).final
+    assert new.stat().st_ino == old.stat().st_ino
+    assert models.check_all(_settings(tmp_path, spec)) == []

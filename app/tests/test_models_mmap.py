@@ -16,11 +16,11 @@ from xagent.settings import ModelSpec
 
 def test_present_models_are_mapped_read_only_and_missing_ones_skipped(tmp_path: Path) -> None:
     data = os.urandom(64 * 1024 + 7)
-    (tmp_path / "a.bin").write_bytes(data)
     specs = [
         ModelSpec(name=name, url=f"file:///{name}", sha256=hashlib.sha256(data).hexdigest())
         for name in ("a.bin", "missing.bin")
     ]
+    models.paths_for(tmp_path, specs[0]).final.write_bytes(data)
     settings = cast(Any, SimpleNamespace(models=specs, models_dir=tmp_path))
     maps = models.map_all(settings)
     try:

@@ -32,7 +32,7 @@ def test_readyz_is_503_until_models_exist(
     assert resp.status_code == 503
     assert resp.json() == {"ready": False, "reason": "models: tiny.gguf missing or not verified"}
     # the web process never downloads anything by itself
-    assert not (tmp_path / "models" / "tiny.gguf").exists()
+    assert not list((tmp_path / "models").glob("tiny.gguf*"))
 
     result = run_bootstrap(env, "models")
     assert result.returncode == 0, result.stderr
@@ -40,7 +40,7 @@ def test_readyz_is_503_until_models_exist(
     assert resp.status_code == 200, resp.text
 
     # a tampered file (size/mtime no longer match the stamp) is not ready any more
-    (tmp_path / "models" / "tiny.gguf").write_bytes(b"tampered")
+    (tmp_path / "models" / f"tiny.gguf@{spec['sha256'][:32]}").write_bytes(b"tampered")
     assert httpx.get(f"{base_url}/readyz").status_code == 503
 
 

@@ -1,11 +1,22 @@
 """Model files: download (resumable, verified, atomic) and presence checks.
 
-Layout in ``models_dir`` for a model named ``NAME``:
-- ``NAME``             the verified file (only ever created by an atomic rename)
-- ``.NAME.part``       an incomplete download, resumed with an HTTP Range request
-- ``.NAME.verified``   stamp: ``sha256 size mtime_ns`` of the verified file, so a boot does
-                       not re-hash large files and /readyz can check cheaply
-- ``.lock``            flock held by the bootstrap that downloads (one per host at a time)
+Content-addressed: in ``models_dir`` a model named ``NAME`` with sha256 ``H`` lives at
+``NAME@H32`` (``H32``: the first 32 hex digits of ``H``), so the file a live release reads is
+never the file a new release downloads. A model changed under the same name goes to a new
+path while the old one keeps serving; a failed download of the new one leaves the old one
+untouched. Layout:
+- ``NAME@H32``            the verified file (only ever created by an atomic rename)
+- ``.NAME@H32.part``      an incomplete download, resumed with an HTTP Range request
+- ``.NAME@H32.verified``  stamp: ``sha256 size mtime_ns`` of the verified file, so a boot does
+                          not re-hash large files and /readyz can check cheaply
+- ``.lock``               flock held by the bootstrap that downloads (one per host at a time)
+
+Old versions: after a download, each configured name keeps the wanted version and the one
+verified most recently before it (the live release's, or the rollback target); older
+versions and other versions' partial files are removed. Names no longer configured are left
+alone (a live release may still read them); remove them by hand. Files of the layout before
+content addressing (``NAME`` + ``.NAME.verified``) are adopted by a hard link when their
+stamp matches, and count as a version of ``NAME``.
 
 A download is resumed (HTTP Range) as long as bytes keep arriving: it fails only when no byte
 arrived for ``stall_seconds`` across attempts, or at once on a permanent error (HTTP 4xx
@@ -47,7 +58,22 @@ class Paths:
     stamp: Path
 
 
+def file_name(spec: ModelSpec) -> str:
+    """``NAME@H32``: the model's file name in ``models_dir`` (also what apps open)."""
+    return f"{spec.name}@{spec.sha256[:32]}"
+
+
 def paths_for(models_dir: Path, spec: ModelSpec) -> Paths:
+    name = file_name(spec)
+    return Paths(
+        final=models_dir / name,
+        part=models_dir / f".{name}.part",
+        stamp=models_dir / f".{name}.verified",
+    )
+
+
+def _legacy_paths(models_dir: Path, spec: ModelSpec) -> Paths:
+    """Where the layout before content addressing kept ``NAME``."""
     return Paths(
         final=models_dir / spec.name,
         part=models_dir / f".{spec.name}.part",
@@ -289,15 +315,23 @@ def ensure_model(
     paths = paths_for(models_dir, spec)
     if stamp_ok(paths, spec.sha256):
         return "present"
+    legacy = _legacy_paths(models_dir, spec)
+    if not paths.final.exists() and stamp_ok(legacy, spec.sha256):
+        # a file of the old layout with this content: a second name for it, no download
+        os.link(legacy.final, paths.final)
+        _fsync_dir(models_dir)
+        _write_stamp(paths, spec.sha256)
+        out(f"model {spec.name}: present (adopted {legacy.final.name})")
+        return "present"
     if paths.final.exists():
-        # no (matching) stamp: hash once; a mismatch means the file is stale or damaged
+        # no (matching) stamp: hash once; a mismatch means the file is damaged
         if sha256_file(paths.final) == spec.sha256:
             _write_stamp(paths, spec.sha256)
             out(f"model {spec.name}: present, verified")
             return "present"
-        out(f"model {spec.name}: existing file does not match sha256, replacing it")
+        out(f"model {spec.name}: existing {paths.final.name} does not match sha256, replacing it")
+        # nothing else reads this path: its name says which content it must have
         paths.final.unlink()
-        paths.stamp.unlink(missing_ok=True)
     paths.stamp.unlink(missing_ok=True)
 
     progress = _Progress(spec.name, progress_interval, out)
@@ -350,8 +384,61 @@ def ensure_model(
     return "downloaded"
 
 
+def _versions(models_dir: Path, name: str) -> list[Paths]:
+    """Every verified-or-not version of ``name`` on disk (new and old layout), not partials."""
+    found = [
+        Paths(
+            final=path,
+            part=path.with_name(f".{path.name}.part"),
+            stamp=path.with_name(f".{path.name}.verified"),
+        )
+        for path in models_dir.glob(f"{name}@*")  # names have no glob characters (settings)
+    ]
+    legacy = models_dir / name
+    if legacy.is_file():
+        found.append(
+            Paths(
+                final=legacy,
+                part=legacy.with_name(f".{name}.part"),
+                stamp=legacy.with_name(f".{name}.verified"),
+            )
+        )
+    return found
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
+
+
+def prune(models_dir: Path, specs: list[ModelSpec], *, out: Printer = print) -> list[str]:
+    """Per configured name keep the wanted version and the one verified most recently
+    before it; remove older versions and partial downloads of other versions. Returns the
+    removed file names."""
+    removed: list[str] = []
+    for spec in specs:
+        wanted = paths_for(models_dir, spec)
+        others = [v for v in _versions(models_dir, spec.name) if v.final != wanted.final]
+        others.sort(key=lambda v: _mtime(v.stamp), reverse=True)
+        for version in others[1:]:
+            for path in (version.final, version.stamp):
+                if path.exists():
+                    path.unlink()
+                    removed.append(path.name)
+        for part in models_dir.glob(f".{spec.name}@*.part"):
+            if part != wanted.part:
+                part.unlink()
+                removed.append(part.name)
+    if removed:
+        out(f"models: removed old versions {', '.join(sorted(removed))}")
+    return removed
+
+
 def ensure_all(settings: Settings, *, out: Printer = print) -> dict[str, str]:
-    """Download/verify every configured model (host-local step)."""
+    """Download/verify every configured model (host-local step), then remove versions
+    older than the one before the wanted one."""
     try:
         settings.models_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -366,4 +453,5 @@ def ensure_all(settings: Settings, *, out: Printer = print) -> dict[str, str]:
                 progress_interval=settings.download_progress_seconds,
                 stall_seconds=settings.download_stall_seconds,
             )
+        prune(settings.models_dir, list(settings.models), out=out)
     return results
