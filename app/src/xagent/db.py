@@ -62,6 +62,17 @@ runs = Table(
     Column("requeues", Integer, nullable=False, server_default="0"),
 )
 
+# Idempotency-Key of POST /runs -> the run it created (no foreign key: the key row is
+# written first, in the run's transaction).
+run_keys = Table(
+    "run_keys",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("run_id", Uuid, nullable=False),
+    Column("request_sha256", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
 ticks = Table(
     "ticks",
     metadata,

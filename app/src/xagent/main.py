@@ -8,6 +8,8 @@ producer side). It never downloads, migrates or registers anything: that is the 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import os
 import uuid
@@ -16,11 +18,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from xagent import db, models, streams
 from xagent.broker import async_retry_kwargs, broker
@@ -117,28 +120,113 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True, "host": settings.host_name})
 
 
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's ``Idempotency-Key`` (a quoted string as the IETF draft writes it, or
+    bare), or None. 400 when it is malformed: a key the client did not mean is no key."""
+    values = request.headers.getlist(IDEMPOTENCY_HEADER)
+    if not values:
+        return None
+    raw = values[0].strip()
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        raw = raw[1:-1]
+    if len(values) > 1 or not 1 <= len(raw) <= 255 or not set(raw) <= _KEY_CHARS:
+        raise HTTPException(
+            status_code=400,
+            detail=f"{IDEMPOTENCY_HEADER}: one header of 1 to 255 visible ASCII characters "
+            '(no quote or backslash inside), e.g. "3f0c9a7e-..."',
+        )
+    return raw
+
+
+def _request_sha256(body: RunRequest) -> str:
+    data = json.dumps({"tool": body.tool, "args": body.args}, sort_keys=True, default=str)
+    return hashlib.sha256(data.encode()).hexdigest()
+
+
+async def _enqueue(engine: AsyncEngine, run_id: uuid.UUID) -> None:
+    try:
+        await run_agent.kicker().with_task_id(str(run_id)).kiq(str(run_id))
+    except Exception as exc:
+        async with engine.begin() as conn:
+            # only a run nobody took yet: a receiver may own it already
+            await conn.execute(
+                update(db.runs)
+                .where(db.runs.c.id == run_id, db.runs.c.status == "queued")
+                .values(status="failed", error=f"{ENQUEUE_FAILED}{exc}")
+            )
+        raise HTTPException(status_code=503, detail="task queue unavailable") from exc
+
+
+ENQUEUE_FAILED = "enqueue failed: "
+
+
 @app.post("/runs", status_code=202)
-async def create_run(body: RunRequest, request: Request) -> dict[str, Any]:
+async def create_run(body: RunRequest, request: Request, response: Response) -> dict[str, Any]:
+    """Accept a run. With an ``Idempotency-Key`` header, the same key returns the run the
+    first request created (``Idempotent-Replayed: true``) instead of a second run, so a
+    client or proxy may retry; the same key with another request is refused (422)."""
     if body.tool not in REGISTRY:
         raise HTTPException(status_code=422, detail=f"unknown tool {body.tool!r}")
+    key = idempotency_key(request)
+    engine = _engine(request)
     run_id = uuid.uuid4()
-    async with _engine(request).begin() as conn:
+    async with engine.begin() as conn:
+        if key is not None:
+            fingerprint = _request_sha256(body)
+            claimed = await conn.execute(
+                pg_insert(db.run_keys)
+                .values(key=key, run_id=run_id, request_sha256=fingerprint)
+                .on_conflict_do_nothing(index_elements=[db.run_keys.c.key])
+                .returning(db.run_keys.c.run_id)
+            )
+            if claimed.first() is None:
+                # a concurrent first request with this key committed before this insert
+                # returned; its row is visible now
+                return await _replay(conn, engine, key, fingerprint, response)
         await conn.execute(
             insert(db.runs).values(
                 id=run_id, status="queued", input={"tool": body.tool, "args": body.args}
             )
         )
-    try:
-        await run_agent.kicker().with_task_id(str(run_id)).kiq(str(run_id))
-    except Exception as exc:
-        async with _engine(request).begin() as conn:
-            await conn.execute(
-                update(db.runs)
-                .where(db.runs.c.id == run_id)
-                .values(status="failed", error=f"enqueue failed: {exc}")
-            )
-        raise HTTPException(status_code=503, detail="task queue unavailable") from exc
+    await _enqueue(engine, run_id)
     return {"id": str(run_id), "status": "queued"}
+
+
+async def _replay(
+    conn: AsyncConnection, engine: AsyncEngine, key: str, fingerprint: str, response: Response
+) -> dict[str, Any]:
+    row = (
+        await conn.execute(
+            select(db.run_keys.c.request_sha256, db.runs.c.id, db.runs.c.status, db.runs.c.error)
+            .select_from(db.run_keys.join(db.runs, db.runs.c.id == db.run_keys.c.run_id))
+            .where(db.run_keys.c.key == key)
+        )
+    ).first()
+    if row is None:  # pragma: no cover - the key row and its run commit together
+        raise HTTPException(status_code=503, detail="run of this key not found, retry")
+    if row.request_sha256 != fingerprint:
+        raise HTTPException(
+            status_code=422,
+            detail=f"{IDEMPOTENCY_HEADER} {key!r} was used for another request",
+        )
+    response.headers["Idempotent-Replayed"] = "true"
+    status = row.status
+    if status == "failed" and (row.error or "").startswith(ENQUEUE_FAILED):
+        # the first request answered 503 (queue unavailable): this retry queues it again
+        requeued = await conn.execute(
+            update(db.runs)
+            .where(db.runs.c.id == row.id, db.runs.c.status == "failed", db.runs.c.attempts == 0)
+            .values(status="queued", error=None)
+        )
+        await conn.commit()
+        if requeued.rowcount:
+            await _enqueue(engine, row.id)
+            status = "queued"
+    return {"id": str(row.id), "status": status}
 
 
 @app.get("/runs/{run_id}")
