@@ -344,3 +344,21 @@ def test_check_config(tmp_path: Path) -> None:
     env["XAGENT_STREAM_XREAD_COUNT"] = "0"
     line = _one_line_error(run_bootstrap(env, "--check-config"))
     assert "XAGENT_STREAM_XREAD_COUNT: Input should be greater than or equal to 1" in line
+
+
+def test_a_changed_root_password_is_applied(fresh_db: str, tmp_path: Path) -> None:
+    """Rotating root_password is a deploy: the next bootstrap gives the account the
+    configured password (the old one stops working); the same password changes nothing."""
+    env = base_env(fresh_db, "q", tmp_path / "models", XAGENT_ROOT_PASSWORD="first-password")
+    assert run_bootstrap(env, "migrate", "root-user").returncode == 0
+    env["XAGENT_ROOT_PASSWORD"] = "second-password"
+    rotated = run_bootstrap(env, "root-user")
+    assert rotated.returncode == 0, rotated.stderr
+    assert "password set to root_password" in rotated.stdout
+    (row,) = _rows(fresh_db, "SELECT password_hash FROM users WHERE username = 'root'")
+    assert verify_password("second-password", str(row["password_hash"]))
+    assert not verify_password("first-password", str(row["password_hash"]))
+    again = run_bootstrap(env, "root-user")
+    assert "'root' exists, nothing to do" in again.stdout
+    (same,) = _rows(fresh_db, "SELECT password_hash FROM users WHERE username = 'root'")
+    assert same["password_hash"] == row["password_hash"]

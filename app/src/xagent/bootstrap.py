@@ -218,26 +218,44 @@ async def step_tools(engine: AsyncEngine, settings: Settings) -> None:
     say(f"tools: {len(REGISTRY)} in code, {changed} inserted/updated, {retired.rowcount} retired")
 
 
+def _root_password(settings: Settings) -> str:
+    if settings.root_password is None:
+        raise BootstrapError(
+            "root-user: no password: provide the credential root_password "
+            "($CREDENTIALS_DIRECTORY/root_password) or XAGENT_ROOT_PASSWORD"
+        )
+    password = settings.root_password.get_secret_value()
+    if len(password) < 8:
+        raise BootstrapError("root-user: root_password is shorter than 8 characters")
+    return password
+
+
 async def step_root_user(engine: AsyncEngine, settings: Settings) -> None:
+    """Create the admin account, or give it the configured password when that changed: the
+    configured root_password is the one that works (rotating it is a deploy)."""
+    password = _root_password(settings)
     async with cluster_lock(engine) as conn:
-        exists = (
+        row = (
             await conn.execute(
-                select(db.users.c.id).where(db.users.c.username == settings.root_username)
+                select(db.users.c.id, db.users.c.password_hash).where(
+                    db.users.c.username == settings.root_username
+                )
             )
         ).first()
-        if exists is not None:
+        if row is not None and await asyncio.to_thread(
+            verify_password, password, row.password_hash
+        ):
             await conn.commit()
             say(f"root-user: {settings.root_username!r} exists, nothing to do")
             return
-        if settings.root_password is None:
-            raise BootstrapError(
-                "root-user: no password: provide the credential root_password "
-                "($CREDENTIALS_DIRECTORY/root_password) or XAGENT_ROOT_PASSWORD"
-            )
-        password = settings.root_password.get_secret_value()
-        if len(password) < 8:
-            raise BootstrapError("root-user: root_password is shorter than 8 characters")
         password_hash = await asyncio.to_thread(hash_password, password)
+        if row is not None:
+            await conn.execute(
+                update(db.users).where(db.users.c.id == row.id).values(password_hash=password_hash)
+            )
+            await conn.commit()
+            say(f"root-user: {settings.root_username!r} exists, password set to root_password")
+            return
         await conn.execute(
             pg_insert(db.users)
             .values(username=settings.root_username, password_hash=password_hash, is_admin=True)
