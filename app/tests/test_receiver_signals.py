@@ -5,6 +5,7 @@ consumer leaves), a lost stream (group recreated at id 0)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import signal
 import sys
@@ -208,3 +209,47 @@ def test_sigterm_finishes_in_flight_task_and_exits_quickly(
     # each child deleted its consumer (nothing left to hand over)
     assert log.count("pending entries handed over") == 2
     assert _consumers(queue_name) == []
+
+
+def test_unknown_task_is_left_pending_not_dropped(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    """A rolling deploy: release B sends a task that the receivers of release A do not have.
+    A's receiver neither runs nor acknowledges it: it stays pending and keeps being
+    reclaimed (for a receiver that knows it), while known tasks keep running."""
+    env = base_env(
+        session_db,
+        queue_name,
+        tmp_path / "models",
+        XAGENT_STREAM_IDLE_TIMEOUT_MS="1000",
+        XAGENT_RECLAIM_INTERVAL_SECONDS="1",
+    )
+    stack = stack_factory(env)
+    base_url = stack.web()
+    receiver = stack.receiver(1)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    message = {
+        "task_id": uuid.uuid4().hex,
+        "task_name": "xagent.tasks:new_in_release_b",
+        "labels": {},
+        "labels_types": {},
+        "args": [],
+        "kwargs": {},
+    }
+    entry = client.xadd(queue_name, {b"data": json.dumps(message).encode()})
+    # seen, reclaimed after the idle timeout and seen again: never acknowledged
+    wait_until(
+        lambda: receiver.log().count("is unknown to this release") >= 2,
+        timeout=30,
+        what="the receiver to see the entry twice",
+    )
+    # the group is named after the queue
+    pending = client.xpending_range(queue_name, queue_name, "-", "+", 10)
+    assert [p["message_id"] for p in pending] == [entry]
+    assert int(pending[0]["times_delivered"]) >= 2
+    # known tasks still run
+    run_id = _start_sleep_run(base_url, 0.1)
+    wait_until(lambda: _status(session_db, run_id)[0] == "done", what="a known run to finish")

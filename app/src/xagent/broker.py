@@ -15,7 +15,11 @@ What :class:`XagentStreamBroker` changes in taskiq-redis's ``RedisStreamBroker``
 - reclaim (XAUTOCLAIM) every ``XAGENT_RECLAIM_INTERVAL_SECONDS``, also on a quiet queue;
 - Redis errors while listening are retried with backoff instead of crashing the child;
 - a clean stop hands the consumer's pending entries over (immediately reclaimable) and
-  deletes the consumer.
+  deletes the consumer;
+- an entry whose task this code does not know (a task new in the release a rolling deploy
+  is bringing, reaching a receiver still on the old one) is neither run nor acknowledged:
+  it stays pending and is reclaimed after the idle timeout, by a receiver that knows it
+  once one runs (taskiq would acknowledge and drop it).
 """
 
 from __future__ import annotations
@@ -148,12 +152,24 @@ class XagentStreamBroker(RedisStreamBroker):
             for entry_id in entry_ids:
                 self._held.setdefault(entry_id, now)
 
-    def _message(self, entry_id: str, fields: _Fields) -> AckableMessage:
+    def _message(self, entry_id: str, fields: _Fields) -> AckableMessage | None:
+        """The entry as taskiq's receiver takes it; None for a task this code does not
+        know (left pending, not held: it goes idle and is reclaimed)."""
         data = fields.get(b"data", b"")
         try:
             parsed = self.formatter.loads(data)
         except Exception:
             parsed = None  # the receiver reports and acks an unparsable message
+        if parsed is not None and self.find_task(parsed.task_name) is None:
+            self.release(entry_id)
+            log.warning(
+                "entry %s: task %r is unknown to this release; left pending for a receiver "
+                "that knows it (reclaimable after %d ms)",
+                entry_id,
+                parsed.task_name,
+                self.idle_timeout,
+            )
+            return None
         if parsed is not None:
             parsed.labels[STREAM_ID_LABEL] = entry_id
             if parsed.labels_types is not None:
@@ -211,7 +227,9 @@ class XagentStreamBroker(RedisStreamBroker):
                 # stopping: these stay pending and are handed over when the consumer leaves
                 aio.raise_if_cancel_lost()
                 for entry_id, fields in batch:
-                    yield self._message(entry_id, fields)
+                    message = self._message(entry_id, fields)
+                    if message is not None:
+                        yield message
 
     async def _read(self, conn: Redis, block_seconds: float) -> list[tuple[str, _Fields]]:
         fetched: Any = await conn.xreadgroup(
