@@ -154,6 +154,11 @@ def model_url(ctx: Context) -> str:
     return f"http://127.0.0.1:{ORIGIN_PORT}/{ctx.model['name']}"
 
 
+def model_file(ctx: Context) -> str:
+    """The bundle's name for the model file (content-addressed: xagent.models)."""
+    return f"{ctx.model['name']}@{ctx.model['sha256'][:32]}"
+
+
 # --- P2: cold start with a large model ---------------------------------------------
 
 
@@ -161,7 +166,7 @@ def p2_bundle(ctx: Context, workers: int, limit: float) -> dict[str, Any]:
     host = ctx.host
     set_web_workers(host, workers)
     host.systemctl("stop", TARGET, BOOTSTRAP_UNIT)
-    host.sh(f"rm -f {MODELS_DIR}/{ctx.model['name']} {MODELS_DIR}/.{ctx.model['name']}.*")
+    host.sh(f"rm -f {MODELS_DIR}/{ctx.model['name']}@* {MODELS_DIR}/.{ctx.model['name']}@*")
     ctx.origin.call("/_reset", "POST")
     since = host.now_usec()
     t0 = time.monotonic()
@@ -530,7 +535,7 @@ def run_p5(ctx: Context) -> dict[str, Any]:
 
 def run_p6(ctx: Context) -> dict[str, Any]:
     host = ctx.host
-    model_path = f"{MODELS_DIR}/{ctx.model['name']}"
+    model_path = f"{MODELS_DIR}/{model_file(ctx)}"
     units = [WEB_UNIT, SCHEDULER_UNIT, *p1.RECEIVERS]
     out: dict[str, Any] = {"params": {"model_bytes": ctx.model["size"]}, "bundle": {}, "naive": {}}
     try:
@@ -541,7 +546,7 @@ def run_p6(ctx: Context) -> dict[str, Any]:
             wait_workers(host, n)
             time.sleep(2)
             out["bundle"][str(n)] = host.helper(
-                "pss", "--units", " ".join(units), "--model", ctx.model["name"]
+                "pss", "--units", " ".join(units), "--model", model_file(ctx)
             )
             stop_bundle_workers(host)
             naive.start(host, workers=n, files=[model_path])
