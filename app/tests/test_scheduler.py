@@ -7,8 +7,9 @@ from __future__ import annotations
 import itertools
 import re
 import signal
+import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,30 @@ def test_scheduler_stops_on_signal_even_when_started_with_sigint_ignored(
     assert "Shutting down scheduler." in log
     assert "released scheduler lease" in log
     assert not redis.Redis.from_url(TEST_REDIS_URL).exists(f"{queue_name}:scheduler:lease")
+
+
+SKEWED_SCHEDULER = """
+import sys, time
+real = time.time
+time.time = lambda: real() + 7200  # this host's clock is two hours ahead
+from taskiq.__main__ import main
+sys.argv = ["taskiq", "scheduler", "xagent.scheduler:scheduler", "xagent.tasks", "--skip-first-run"]
+main()
+"""
+
+
+def test_ticks_follow_the_redis_clock_not_the_hosts(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    """A scheduler on a host whose clock is wrong stamps and times its ticks by Redis's
+    clock (TIME), the one clock every host's scheduler shares."""
+    env = _env(session_db, queue_name, tmp_path, XAGENT_TICK_CRON="* * * * *")
+    stack = stack_factory(env)
+    proc = stack.start("scheduler", [sys.executable, "-c", SKEWED_SCHEDULER], None, None)
+    proc.wait_for_log(r"schedule_id xagent-tick for ", timeout=40)
+    redis_now = datetime.fromtimestamp(float(redis.Redis.from_url(TEST_REDIS_URL).time()[0]), UTC)
+    (tick, *_) = _sent(proc, "xagent-tick")
+    assert abs(tick - redis_now) < timedelta(minutes=2), (tick, redis_now)

@@ -134,6 +134,12 @@ class SchedulerLease:
             )
         )
 
+    async def server_time(self) -> float:
+        """Redis's clock (TIME): ticks are due by one clock for every host, whatever their
+        own clocks say (a scheduler on a host whose clock is ahead would send early)."""
+        seconds, micros = await self.client.time()
+        return float(seconds) + float(micros) / 1e6
+
     async def last_sent(self) -> dict[str, int]:
         raw = await self.client.hgetall(self.keys.last)
         return {_text(k): int(_text(v)) for k, v in raw.items()}

@@ -218,7 +218,7 @@ class LeaderScheduler(TaskiqScheduler):
 
     async def _send_due(self, lease: SchedulerLease, token: int) -> None:
         last = await lease.last_sent()
-        now = time.time()
+        now = await lease.server_time()
         for schedule in self.schedules:
             ticks, skipped_from = due_ticks(
                 schedule,
