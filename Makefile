@@ -134,10 +134,11 @@ test-molecule: venv $(MOLECULE_IMAGES)
 # Everything runs even when one part fails, so one CI run reports everything.
 # With XAGENT_TEST_VM=1 the VM scenario (the longest: software emulation) starts
 # first and runs beside everything else. The test-host images (debootstrap: downloads and
-# dpkg) build during lint and the app tests. Then three more streams side by side (a scenario keeps about one
+# dpkg) build during lint. Then three streams side by side (a scenario keeps about one
 # core busy only while Ansible works; most of its time it waits on hosts):
-# `default`, `cluster` (the two longest), and the other scenarios followed by
-# the bench smoke. Every scenario has its own ports (docs/contract.md); the
+# `default` (the longest), the app and tool tests followed by `cluster`, and the other
+# scenarios followed by the bench smoke. The app tests overlap only the first deploys
+# of the scenarios, before any load probe runs. Every scenario has its own ports (docs/contract.md); the
 # probes' 15 s request timeout is far above what sharing the CPU adds, so a
 # failed request is still a bug.
 MAIN_SCENARIOS := $(filter default,$(SCENARIOS))
@@ -155,7 +156,7 @@ test: venv
 	vm=; if [ -n "$(VM_SCENARIOS)" ]; then \
 	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(VM_SCENARIOS)" 2>&1 \
 	      | tee "$$logs/molecule-vm.log" | sed -u 's/^/[vm] /'; exit "$${PIPESTATUS[0]}" ) & vm=$$!; fi; \
-	for t in lint test-app test-tools; do part $$t $(MAKE) --no-print-directory $$t || failed+=($$t); done; \
+	part lint $(MAKE) --no-print-directory lint || failed+=(lint); \
 	wait $$images || failed+=(images); \
 	( rc=0; \
 	  if ! $(MAKE) --no-print-directory test-molecule SCENARIOS="$(SIDE_SCENARIOS)" 2>&1 \
@@ -165,10 +166,13 @@ test: venv
 	      | tee "$$logs/bench-smoke.log" | sed -u 's/^/[bench-smoke] /'; then rc=$$((rc + 2)); fi; \
 	  echo "bench-smoke: $$((SECONDS - start)) s" >>"$$logs/times"; \
 	  exit $$rc ) & side=$$!; \
-	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(CLUSTER_SCENARIOS)" 2>&1 \
-	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /'; exit "$${PIPESTATUS[0]}" ) & cluster=$$!; \
+	( rc=0; for t in test-app test-tools; do \
+	    part $$t $(MAKE) --no-print-directory $$t 2>&1 | sed -u "s/^/[$$t] /" || rc=1; done; \
+	  $(MAKE) --no-print-directory test-molecule SCENARIOS="$(CLUSTER_SCENARIOS)" 2>&1 \
+	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /' || rc=$$((rc + 2)); exit $$rc ) & cluster=$$!; \
 	part molecule-main $(MAKE) --no-print-directory test-molecule SCENARIOS="$(MAIN_SCENARIOS)" || failed+=(test-molecule-main); \
-	wait $$cluster || failed+=(test-molecule-cluster); \
+	rc=0; wait $$cluster || rc=$$?; \
+	if (( rc & 1 )); then failed+=(test-app-or-tools); fi; if (( rc & 2 )); then failed+=(test-molecule-cluster); fi; \
 	if [ -n "$$vm" ]; then wait $$vm || failed+=(test-molecule-vm); fi; \
 	rc=0; wait $$side || rc=$$?; \
 	if (( rc & 1 )); then failed+=(test-molecule); fi; if (( rc & 2 )); then failed+=(bench-smoke); fi; \
