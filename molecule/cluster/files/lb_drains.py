@@ -19,8 +19,11 @@ from datetime import datetime
 
 # "... [03/Dec/2026:08:10:11.123] http web/xagent-cluster-web1 0/0/0/1/1 200 ..."
 REQUEST = re.compile(r"\[(\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2}\.\d{3})\] \S+ (\S+)/(\S+) ")
-# The request date is in local time with millisecond precision; the drain
-# line's journal timestamp is taken when HAProxy logged it (just after).
+# The request date is in local time with millisecond precision. A state line's
+# time is when HAProxy sent it to /dev/log (_SOURCE_REALTIME_TIMESTAMP, the
+# kernel's timestamp of the datagram), not when journald got round to it
+# (__REALTIME_TIMESTAMP): on a loaded host that was tens of milliseconds
+# later, and a request sent right after "is UP" counted as sent while drained.
 SLACK_S = 0.002
 
 
@@ -48,7 +51,7 @@ def main() -> None:
         # a second journal line per event: count the syslog one only.
         if message.startswith("["):
             continue
-        logged = int(entry["__REALTIME_TIMESTAMP"]) / 1e6
+        logged = int(entry.get("_SOURCE_REALTIME_TIMESTAMP") or entry["__REALTIME_TIMESTAMP"]) / 1e6
         for server in args.servers:
             name = f"Server {args.backend}/{server} "
             drained = bool(windows[server]) and windows[server][-1][1] == float("inf")
