@@ -122,6 +122,8 @@ async def readyz(request: Request) -> JSONResponse:
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F)) - {'"', "\\"}
+# error prefix of a run whose enqueue failed (a retry with its key queues it again)
+ENQUEUE_FAILED = "enqueue failed: "
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -159,9 +161,6 @@ async def _enqueue(engine: AsyncEngine, run_id: uuid.UUID) -> None:
                 .values(status="failed", error=f"{ENQUEUE_FAILED}{exc}")
             )
         raise HTTPException(status_code=503, detail="task queue unavailable") from exc
-
-
-ENQUEUE_FAILED = "enqueue failed: "
 
 
 @app.post("/runs", status_code=202)

@@ -63,22 +63,22 @@ def file_name(spec: ModelSpec) -> str:
     return f"{spec.name}@{spec.sha256[:32]}"
 
 
-def paths_for(models_dir: Path, spec: ModelSpec) -> Paths:
-    name = file_name(spec)
+def _paths(final: Path) -> Paths:
+    """The verified file ``final`` with its partial download and its stamp beside it."""
     return Paths(
-        final=models_dir / name,
-        part=models_dir / f".{name}.part",
-        stamp=models_dir / f".{name}.verified",
+        final=final,
+        part=final.with_name(f".{final.name}.part"),
+        stamp=final.with_name(f".{final.name}.verified"),
     )
+
+
+def paths_for(models_dir: Path, spec: ModelSpec) -> Paths:
+    return _paths(models_dir / file_name(spec))
 
 
 def _legacy_paths(models_dir: Path, spec: ModelSpec) -> Paths:
     """Where the layout before content addressing kept ``NAME``."""
-    return Paths(
-        final=models_dir / spec.name,
-        part=models_dir / f".{spec.name}.part",
-        stamp=models_dir / f".{spec.name}.verified",
-    )
+    return _paths(models_dir / spec.name)
 
 
 def _stamp_text(sha256: str, st: os.stat_result) -> str:
@@ -386,23 +386,11 @@ def ensure_model(
 
 def _versions(models_dir: Path, name: str) -> list[Paths]:
     """Every verified-or-not version of ``name`` on disk (new and old layout), not partials."""
-    found = [
-        Paths(
-            final=path,
-            part=path.with_name(f".{path.name}.part"),
-            stamp=path.with_name(f".{path.name}.verified"),
-        )
-        for path in models_dir.glob(f"{name}@*")  # names have no glob characters (settings)
-    ]
+    # names have no glob characters (settings)
+    found = [_paths(path) for path in models_dir.glob(f"{name}@*")]
     legacy = models_dir / name
     if legacy.is_file():
-        found.append(
-            Paths(
-                final=legacy,
-                part=legacy.with_name(f".{name}.part"),
-                stamp=legacy.with_name(f".{name}.verified"),
-            )
-        )
+        found.append(_paths(legacy))
     return found
 
 
