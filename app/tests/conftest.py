@@ -413,3 +413,20 @@ def stack_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Stack]]
     yield make
     for stack in stacks:
         stack.stop_all()
+
+
+# -- measurements a test reports (printed at the end of the run, not asserted on) ------------
+
+_REPORTS: list[str] = []
+
+
+@pytest.fixture
+def report_line() -> Callable[[str], None]:
+    return _REPORTS.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _REPORTS:
+        terminalreporter.section("measurements")
+        for line in _REPORTS:
+            terminalreporter.write_line(line)

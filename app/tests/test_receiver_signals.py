@@ -145,6 +145,52 @@ def test_clean_stop_hands_waiting_entries_over_and_leaves_the_group(
     assert [_status(session_db, r)[1] for r in run_ids] == [1, 1, 1]
 
 
+def test_a_run_longer_than_the_drain_is_handed_back_at_once(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    """Issue 20 item 8: a run outlasting --wait-tasks-timeout is cancelled when the drain
+    ends, queued again with the hand-back recorded, its entry handed over; the next receiver
+    starts it at once and the hand-back did not use an attempt (max attempts 1)."""
+    # an entry or lease left behind would wait two minutes: the test would time out
+    env = base_env(
+        session_db,
+        queue_name,
+        tmp_path / "models",
+        XAGENT_STREAM_IDLE_TIMEOUT_MS="120000",
+        XAGENT_RUN_LEASE_SECONDS="60",
+        XAGENT_RUN_MAX_ATTEMPTS="1",
+    )
+    stack = stack_factory(env)
+    base_url = stack.web()
+    run_id = _start_sleep_run(base_url, 600)
+    leaving = stack.receiver(1, "--wait-tasks-timeout", "1")
+    wait_until(lambda: _status(session_db, run_id)[0] == "running", what="run to start")
+
+    leaving.popen.send_signal(signal.SIGTERM)
+    assert leaving.popen.wait(60) == 0, leaving.log()[-3000:]
+    log = leaving.log()
+    assert "handed back 1 run(s) still executing after the drain" in log, log[-3000:]
+    assert "Broker.shutdown cannot be completed" not in log, log[-3000:]
+    assert leaving.wait_for_log(r"\((\d+) pending entries handed over").group(1) == "1"
+    row = sql(
+        session_db,
+        "SELECT status, attempts, handbacks, handed_back_at IS NOT NULL AS recorded "
+        "FROM runs WHERE id = $1",
+        uuid.UUID(run_id),
+    )[0]
+    assert tuple(row) == ("queued", 1, 1, True)
+    shown = httpx.get(f"{base_url}/runs/{run_id}", timeout=HTTP_TIMEOUT).json()
+    assert (shown["status"], shown["handbacks"]) == ("queued", 1)
+    assert shown["handed_back_at"] is not None
+
+    taking = stack.receiver(1)
+    wait_until(lambda: _status(session_db, run_id) == ("running", 2), what="run taken over")
+    assert "reclaimed 1 stream entries" in taking.log()
+
+
 def test_group_lost_with_the_stream_is_recreated_at_zero(
     session_db: str,
     queue_name: str,

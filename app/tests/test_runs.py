@@ -384,22 +384,60 @@ async def test_a_run_whose_lease_is_held_is_not_executed_again(
     assert (await row(engine, run_id))["attempts"] == 1
 
 
-async def test_a_stopping_receiver_ends_its_lease(
+async def test_a_stopping_receiver_hands_its_runs_back(
     engine: AsyncEngine, gated: dict[str, Any]
 ) -> None:
+    """What the broker's shutdown calls once the drain is over: the run still executing is
+    queued again at once and the hand-back recorded, without acknowledging its message."""
     run_id = await new_run(engine, "gated")
     ack = Acks()
     a = asyncio.create_task(execute(engine, run_id, ack))
     await until(lambda: gated["calls"] == 1, "execution to start")
-    a.cancel()  # the receiver child shuts down with the task still running
+    assert await runs.hand_back_all(timeout=5) == 1
+    assert a.done()
     with pytest.raises(asyncio.CancelledError):
         await a
     r = await row(engine, run_id)
-    assert (r["status"], r["lease_over"]) == ("running", True)
+    assert (r["status"], r["attempts"], r["handbacks"]) == ("queued", 1, 1)
+    assert r["lease_expires_at"] is None
+    assert r["handed_back_at"] is not None
     assert ack.calls == 0
+    assert await runs.hand_back_all(timeout=5) == 0  # nothing left in flight
     # the receiver that takes the handed-over message runs it at once
     assert (await execute(engine, run_id, ack))["status"] == "done"
-    assert (await row(engine, run_id))["attempts"] == 2
+    r = await row(engine, run_id)
+    assert (r["status"], r["attempts"], r["handbacks"]) == ("done", 2, 1)
+
+
+async def test_hand_backs_do_not_use_up_attempts(
+    engine: AsyncEngine, register: Callable[[str, tools.ToolFunc], None]
+) -> None:
+    """A long run through more receiver restarts than it has attempts: each receiver hands
+    it back, and the run still executes after the last one."""
+    state = {"calls": 0, "finish": False}
+
+    async def long(args: dict[str, Any]) -> Any:
+        state["calls"] += 1
+        while not state["finish"]:
+            await asyncio.sleep(0.01)
+        return {"calls": state["calls"]}
+
+    register("long", long)
+    run_id = await new_run(engine, "long")
+    ack = Acks()
+    restarts = POLICY.max_attempts + 1
+    for n in range(1, restarts + 1):
+        a = asyncio.create_task(execute(engine, run_id, ack))
+        await until(lambda n=n: state["calls"] == n, f"execution {n} to start")  # type: ignore[misc]
+        assert await runs.hand_back_all(timeout=5) == 1
+        with pytest.raises(asyncio.CancelledError):
+            await a
+    r = await row(engine, run_id)
+    assert (r["status"], r["attempts"], r["handbacks"]) == ("queued", restarts, restarts)
+    state["finish"] = True
+    out = await execute(engine, run_id, ack)
+    assert (out["status"], out["result"]) == ("done", {"calls": restarts + 1})
+    assert ack.calls == 1
 
 
 async def test_redelivery_of_a_finished_run_and_garbage_are_acknowledged(

@@ -113,14 +113,23 @@ async def cluster_lock(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             await conn.commit()
 
 
-def _alembic_upgrade(sync_conn: Any) -> None:
+def _alembic_upgrade(sync_conn: Any, lock_timeout_ms: int) -> None:
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", schema.script_location())
     cfg.attributes["connection"] = sync_conn
-    command.upgrade(cfg, "head")
+    # session-wide, so it covers each revision's transaction and xagent.ddl's autocommit part
+    sync_conn.exec_driver_sql(f"SET lock_timeout = {int(lock_timeout_ms)}")
+    sync_conn.commit()  # out of any transaction: Alembic then begins one per revision
+    try:
+        command.upgrade(cfg, "head")
+    finally:
+        if sync_conn.in_transaction():
+            sync_conn.rollback()
+        sync_conn.exec_driver_sql("RESET lock_timeout")
+        sync_conn.commit()
 
 
 def _current_revision(sync_conn: Any) -> str | None:
@@ -128,6 +137,42 @@ def _current_revision(sync_conn: Any) -> str | None:
 
     rev: str | None = MigrationContext.configure(sync_conn).get_current_revision()
     return rev
+
+
+def _lock_not_available(exc: BaseException) -> bool:
+    """PostgreSQL gave up waiting for a lock (SQLSTATE 55P03: lock_timeout)."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "55P03" or getattr(orig, "pgcode", None) == "55P03"
+
+
+async def _upgrade_with_retries(conn: AsyncConnection, settings: Settings) -> None:
+    """Alembic upgrade to head; a revision that hit ``lock_timeout`` is retried (the ones
+    before it stay committed)."""
+    timeout_ms = settings.migrate_lock_timeout_ms
+    retries = settings.migrate_lock_retries
+    for attempt in range(retries + 1):
+        try:
+            await conn.run_sync(_alembic_upgrade, timeout_ms)
+            return
+        except Exception as exc:
+            if not _lock_not_available(exc):
+                raise
+            at = await conn.run_sync(_current_revision)
+            await conn.commit()
+            if attempt == retries:
+                raise BootstrapError(
+                    f"migrate: the revision after {at} did not get its lock within "
+                    f"{timeout_ms} ms in {retries + 1} tries (XAGENT_MIGRATE_LOCK_TIMEOUT_MS, "
+                    "XAGENT_MIGRATE_LOCK_RETRIES): a long transaction holds the table "
+                    "(see pg_stat_activity)"
+                ) from None
+            pause = min(0.5 * 2**attempt, 10.0)
+            say(
+                f"migrate: the revision after {at} gave up waiting {timeout_ms} ms for a lock "
+                f"(queries on the table would queue behind it); try {attempt + 2} of "
+                f"{retries + 1} in {pause:g} s"
+            )
+            await asyncio.sleep(pause)
 
 
 async def step_migrate(engine: AsyncEngine, settings: Settings) -> None:
@@ -150,10 +195,12 @@ async def step_migrate(engine: AsyncEngine, settings: Settings) -> None:
             # and no history written: the newer release's rows know more than this code
             say(f"migrate: {schema.ahead_message(before, head, chain)}")
             return
-        await conn.run_sync(_alembic_upgrade)
-        after = await conn.run_sync(_current_revision)
-        # same transaction as the upgrade: a recorded revision is always an applied one
+        # recorded before any revision is applied: an applied revision is always recorded
+        # (each revision commits on its own)
         recorded_rows = await schema.record_history(conn, code)
+        await conn.commit()
+        await _upgrade_with_retries(conn, settings)
+        after = await conn.run_sync(_current_revision)
         await conn.commit()
     if before == after:
         say(f"migrate: schema at {after}, nothing to do")

@@ -14,8 +14,9 @@ What :class:`XagentStreamBroker` changes in taskiq-redis's ``RedisStreamBroker``
   timeout; a thread, because a task that blocks the event loop must not lose its entry;
 - reclaim (XAUTOCLAIM) every ``XAGENT_RECLAIM_INTERVAL_SECONDS``, also on a quiet queue;
 - Redis errors while listening are retried with backoff instead of crashing the child;
-- a clean stop hands the consumer's pending entries over (immediately reclaimable) and
-  deletes the consumer;
+- a clean stop first hands back the runs still executing after the drain
+  (``xagent.runs.hand_back_all``), then hands the consumer's pending entries over
+  (immediately reclaimable) and deletes the consumer;
 - an entry whose task this code does not know (a task new in the release a rolling deploy
   is bringing, reaching a receiver still on the old one) is neither run nor acknowledged:
   it stays pending and is reclaimed after the idle timeout, by a receiver that knows it
@@ -45,7 +46,7 @@ from taskiq.labels import LabelType
 from taskiq.message import BrokerMessage
 from taskiq_redis import RedisAsyncResultBackend, RedisStreamBroker
 
-from xagent import aio, streams
+from xagent import aio, runs, streams
 from xagent.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -270,13 +271,22 @@ class XagentStreamBroker(RedisStreamBroker):
 
     async def shutdown(self) -> None:
         """On a receiver's clean stop: hand pending entries over and delete the consumer."""
+        if self._consuming:
+            # still running after the drain: cancelled, their runs queued again (recorded);
+            # the heartbeat keeps their entries fresh until then. Within taskiq's 5 s
+            # --shutdown-timeout together with the hand-over below.
+            with contextlib.suppress(Exception):
+                handed = await runs.hand_back_all(timeout=2.0)
+                if handed:
+                    log.warning("handed back %d run(s) still executing after the drain", handed)
         if self._heartbeat is not None:
             self._heartbeat.stop()
             self._heartbeat = None
         if self._consuming:
             self._consuming = False
             try:
-                async with asyncio.timeout(3), Redis(connection_pool=self.connection_pool) as conn:
+                pool = self.connection_pool
+                async with asyncio.timeout(2.5), Redis(connection_pool=pool) as conn:
                     moved = await conn.eval(
                         streams.LEAVE_GROUP_LUA,
                         1,

@@ -60,6 +60,9 @@ runs = Table(
     # Re-enqueued by the sweeper (its message was no longer in the stream).
     Column("requeued_at", DateTime(timezone=True), nullable=True),
     Column("requeues", Integer, nullable=False, server_default="0"),
+    # Given back by a stopping receiver before it finished (not an attempt: see xagent.runs).
+    Column("handbacks", Integer, nullable=False, server_default="0"),
+    Column("handed_back_at", DateTime(timezone=True), nullable=True),
 )
 
 # Idempotency-Key of POST /runs -> the run it created (no foreign key: the key row is

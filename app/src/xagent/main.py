@@ -245,6 +245,8 @@ async def get_run(run_id: uuid.UUID, request: Request) -> dict[str, Any]:
         "worker_pid": row["worker_pid"],
         "created_at": row["created_at"].isoformat(),
         "finished_at": row["finished_at"].isoformat() if row["finished_at"] else None,
+        "handbacks": row["handbacks"],
+        "handed_back_at": row["handed_back_at"].isoformat() if row["handed_back_at"] else None,
     }
 
 

@@ -10,6 +10,10 @@ deliveries of one run never both write a result.
   when that does not help, the message is not acknowledged: it is redelivered after the stream
   idle timeout, which is another attempt; after ``XAGENT_RUN_MAX_ATTEMPTS`` the run fails.
 - The message is acknowledged only once the run's outcome is stored (or it already was).
+- Hand-back: a receiver that stops (its drain, ``--wait-tasks-timeout``, is over) cancels
+  what still runs; each such run goes back to ``queued`` at once, ``handbacks + 1``, and its
+  message is handed over for another receiver. Hand-backs do not count as attempts (only
+  ``attempts - handbacks`` does): a rolling restart does not use up a long run's attempts.
 - The sweeper fails ``running`` runs whose lease expired long ago and re-enqueues ``queued``
   runs whose message can no longer be in the stream.
 
@@ -171,11 +175,12 @@ class _Claim:
 async def _claim(engine: AsyncEngine, rid: uuid.UUID, policy: Policy) -> _Claim:
     runs = db.runs
     claimable = or_(runs.c.status == "queued", and_(runs.c.status == "running", _lease_expired()))
+    used = runs.c.attempts - runs.c.handbacks
     async with engine.begin() as conn:
         row = (
             await conn.execute(
                 update(runs)
-                .where(runs.c.id == rid, claimable, runs.c.attempts < policy.max_attempts)
+                .where(runs.c.id == rid, claimable, used < policy.max_attempts)
                 .values(
                     status="running",
                     attempts=runs.c.attempts + 1,
@@ -191,7 +196,7 @@ async def _claim(engine: AsyncEngine, rid: uuid.UUID, policy: Policy) -> _Claim:
         gave_up = (
             await conn.execute(
                 update(runs)
-                .where(runs.c.id == rid, claimable, runs.c.attempts >= policy.max_attempts)
+                .where(runs.c.id == rid, claimable, used >= policy.max_attempts)
                 .values(
                     status="failed",
                     error=(
@@ -255,17 +260,42 @@ async def _finish(
     return bool(written.rowcount)
 
 
-async def _abandon(engine: AsyncEngine, rid: uuid.UUID, token: int) -> None:
+async def _hand_back(engine: AsyncEngine, rid: uuid.UUID, token: int) -> None:
+    """The receiver stops before this execution finished: the run is queued again at once (no
+    lease to wait for) and the hand-back is recorded; its message is handed over by the
+    broker's shutdown."""
     runs = db.runs
     try:
         async with asyncio.timeout(2), engine.begin() as conn:
             await conn.execute(
                 update(runs)
                 .where(runs.c.id == rid, runs.c.attempts == token, runs.c.status == "running")
-                .values(lease_expires_at=func.now())
+                .values(
+                    status="queued",
+                    lease_expires_at=None,
+                    handbacks=runs.c.handbacks + 1,
+                    handed_back_at=func.now(),
+                )
             )
+        log.warning("run %s: attempt %d handed back (the receiver is stopping)", rid, token)
     except Exception as exc:
-        log.warning("run %s: could not end the lease of attempt %d (%s)", rid, token, exc)
+        # the lease then runs out and the run is taken over as another attempt
+        log.warning("run %s: could not hand back attempt %d (%s)", rid, token, exc)
+
+
+# executions in progress in this process, which a stopping receiver hands back
+_IN_FLIGHT: set[asyncio.Task[Any]] = set()
+
+
+async def hand_back_all(timeout: float) -> int:
+    """Cancel every execution still in progress (each hands its run back); returns how many.
+    The receiver's drain is over when this is called: they could not finish in time."""
+    pending = [task for task in _IN_FLIGHT if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+    return len(pending)
 
 
 async def _heartbeat(
@@ -350,18 +380,23 @@ async def execute_run(
     lost = asyncio.Event()
     tool = asyncio.ensure_future(_run_tool(claim.spec))
     beat = asyncio.ensure_future(_heartbeat(engine, rid, token, policy, tool, lost))
+    me = asyncio.current_task()
+    if me is not None:
+        _IN_FLIGHT.add(me)
     try:
         status, result, error = await tool
     except asyncio.CancelledError:
         if lost.is_set():
             return {"status": "lost-lease", "attempt": token}
-        # the receiver is stopping: end the lease now, so the receiver that takes the handed
-        # over message runs it at once instead of waiting for the lease to expire
-        await _abandon(engine, rid, token)
+        # the receiver is stopping: the run is queued again now, so the receiver that takes
+        # the handed-over message runs it at once instead of waiting for the lease to expire
+        await _hand_back(engine, rid, token)
         raise
     finally:
         tool.cancel()
         beat.cancel()
+        if me is not None:
+            _IN_FLIGHT.discard(me)
 
     try:
         written = await retry(

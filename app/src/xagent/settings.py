@@ -265,6 +265,11 @@ class Settings(BaseSettings):
     # end of the class; fields declared after methods are still pydantic fields) ----------
     # Seconds `xagent-bootstrap` keeps retrying an unreachable PostgreSQL (0 = one attempt).
     bootstrap_wait_seconds: float = Field(default=900.0, ge=0)
+    # `migrate`: how long a revision waits for a table lock before it gives up, rolls back
+    # and is tried again (while it waits, every query on that table queues behind it), and
+    # how many times it is tried again (backoff doubling from 0.5 s, at most 10 s).
+    migrate_lock_timeout_ms: int = Field(default=2000, ge=1)
+    migrate_lock_retries: int = Field(default=30, ge=0)
     # A model download fails when no new byte arrived for this long, across resumed
     # attempts. It replaces download_retries (above: still accepted, no longer used).
     download_stall_seconds: float = Field(default=120.0, gt=0)

@@ -24,7 +24,9 @@ def _include_name(name: str | None, type_: str, parent_names: Any) -> bool:
 context.configure(
     connection=connection,
     target_metadata=metadata,
-    transaction_per_migration=False,
+    # one transaction per revision: a revision that gives up on its lock_timeout is retried
+    # alone, and xagent.ddl's concurrent index builds can step outside it
+    transaction_per_migration=True,
     include_name=_include_name,
 )
 with context.begin_transaction():
