@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
 """Open-loop HTTP load probe: counts every failed or refused request.
 
-Sends GET requests at a fixed rate (each on a new connection, the way a
-load balancer health check or a fresh client arrives), independently of how
-fast answers come back, until SIGTERM/SIGINT (or --count requests); then waits for
-the requests in flight and writes a JSON summary. Standard library only, so it runs on a bare
-test host.
+Sends GET requests at a fixed rate, independently of how fast answers come
+back, until SIGTERM/SIGINT (or --count requests); then waits for the requests
+in flight and writes a JSON summary. Each request opens a new connection (the
+way a load balancer health check or a fresh client arrives), or with
+--keepalive reuses an idle HTTP/1.1 connection of earlier requests (the way a
+browser, an SDK or a proxy arrives: a server that stops must not cut those).
+Standard library only, so it runs on a bare test host.
 
     probe.py --url http://127.0.0.1:18000/healthz --rate 50 --out /var/tmp/probe.json
     probe.py --url http://127.0.0.1:18000/runs --body '{"tool": "sleep", "args": {"seconds": 2}}' \
              --expect 202 --rate 2 --out /var/tmp/runs.json      (POSTs; collects the "id"s)
 
 A request fails when the connection is refused or reset, no complete answer
-arrives within --timeout, or the status is not --expect. The summary also
-lists the releases that answered (the app's X-Release header) in order of
-first appearance, the longest time without a successful answer, and with
---body the "id" of every accepted POST.
+arrives within --timeout, or the status is not --expect. Two retries are
+what correct clients do and are not failures: a request on a reused
+connection that the server closed before any byte of an answer (an idle
+connection closed at the same moment: RFC 9112 9.3.1) is sent again on a new
+connection when it is a GET or carries an Idempotency-Key; with
+--idempotency-key every POST carries a key of its own and is retried up to
+--retries times (same key) when it fails. The summary lists the releases that
+answered (the app's X-Release header) in order of first appearance, the
+longest time without a successful answer, the retries, and with --body the
+"id" of every accepted POST.
 """
 
 from __future__ import annotations
@@ -30,48 +38,137 @@ import resource
 import signal
 import time
 import urllib.parse
+import uuid
 from collections import Counter
 from typing import Any
 
+Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-async def one_request(
-    host: str, port: int, target: str, timeout: float, body: bytes | None, expect: int
-) -> tuple[str, str, bytes]:
-    """Return (outcome, release, body): outcome is 'ok', 'status <n>' or an error name."""
-    writer = None
-    if body is None:
-        request = f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
-        payload = request.encode()
-    else:
-        request = (
-            f"POST {target} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        payload = request.encode() + body
-    try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        writer.write(payload)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    except TimeoutError:
-        return "timeout", "", b""
-    except OSError as exc:
-        name = errno.errorcode.get(exc.errno or 0, "") if exc.errno else ""
-        return f"{type(exc).__name__} {name}".strip(), "", b""
-    finally:
-        if writer is not None:
-            writer.close()
-    head, _, answer = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2) if lines and lines[0] else []
+
+class Stale(Exception):
+    """A reused connection closed before any byte of the answer."""
+
+
+class Connections:
+    """Idle keep-alive connections (none kept without --keepalive)."""
+
+    def __init__(self, host: str, port: int, keepalive: bool) -> None:
+        self.host, self.port, self.keepalive = host, port, keepalive
+        self.idle: list[Conn] = []
+
+    async def get(self, timeout: float) -> tuple[Conn, bool]:
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn[0].at_eof() and not conn[1].is_closing():
+                return conn, True
+            conn[1].close()
+        conn = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+        return conn, False
+
+    def put(self, conn: Conn) -> None:
+        if self.keepalive:
+            self.idle.append(conn)
+        else:
+            conn[1].close()
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers, body, reusable) of one HTTP/1.1 answer."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
-        return "bad-answer", "", b""
-    release = ""
+        raise ValueError("bad status line")
+    headers: dict[str, str] = {}
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "x-release":
-            release = value.strip()
-    return ("ok" if int(parts[1]) == expect else f"status {parts[1]}"), release, answer
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunks.append(await reader.readexactly(size + 2))
+            if size == 0:
+                break
+        body = b"".join(chunk[:-2] for chunk in chunks)
+    else:
+        body = await reader.read()
+        return int(parts[1]), headers, body, False
+    reusable = headers.get("connection", "").lower() != "close"
+    return int(parts[1]), headers, body, reusable
+
+
+async def exchange(
+    conns: Connections, target: str, timeout: float, body: bytes | None, key: str | None
+) -> tuple[int, dict[str, str], bytes]:
+    """One request and its answer; raises Stale, TimeoutError, OSError or ValueError."""
+    host_header = f"Host: {conns.host}:{conns.port}\r\n"
+    close = "" if conns.keepalive else "Connection: close\r\n"
+    if body is None:
+        payload = f"GET {target} HTTP/1.1\r\n{host_header}{close}\r\n".encode()
+    else:
+        keyed = f"Idempotency-Key: {key}\r\n" if key else ""
+        payload = (
+            f"POST {target} HTTP/1.1\r\n{host_header}{close}{keyed}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode() + body
+    (reader, writer), reused = await conns.get(timeout)
+    try:
+        writer.write(payload)
+        await writer.drain()
+        status, headers, answer, reusable = await asyncio.wait_for(_read_answer(reader), timeout)
+    except (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError) as exc:
+        writer.close()
+        partial = exc.partial if isinstance(exc, asyncio.IncompleteReadError) else b""
+        if reused and not partial:
+            raise Stale() from None
+        if isinstance(exc, asyncio.IncompleteReadError):
+            raise ConnectionResetError(errno.ECONNRESET, "closed mid-answer") from None
+        raise
+    except BaseException:
+        writer.close()
+        raise
+    if reusable:
+        conns.put((reader, writer))
+    else:
+        writer.close()
+    return status, headers, answer
+
+
+async def one_request(
+    conns: Connections,
+    target: str,
+    timeout: float,
+    body: bytes | None,
+    expect: int,
+    key: str | None,
+    retries: int,
+    counts: Counter[str],
+) -> tuple[str, str, bytes]:
+    """Return (outcome, release, body): outcome is 'ok', 'status <n>' or an error name."""
+    attempt = 0
+    while True:
+        try:
+            status, headers, answer = await exchange(conns, target, timeout, body, key)
+            outcome = "ok" if status == expect else f"status {status}"
+        except Stale:
+            if body is None or key:
+                counts["stale-retried"] += 1
+                continue
+            outcome, headers, answer = "stale-connection", {}, b""
+        except TimeoutError:
+            outcome, headers, answer = "timeout", {}, b""
+        except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            name = errno.errorcode.get(getattr(exc, "errno", 0) or 0, "")
+            outcome, headers, answer = f"{type(exc).__name__} {name}".strip(), {}, b""
+        if outcome == "ok" or not key or attempt >= retries or outcome.startswith("status 4"):
+            if attempt:
+                counts["retried"] += 1
+            return outcome, headers.get("x-release", ""), answer
+        await asyncio.sleep(0.5 * 2**attempt)
+        attempt += 1
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,9 +190,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     wall0 = time.time()
 
+    conns = Connections(host, port, args.keepalive)
+    counts: Counter[str] = Counter()
+    key_prefix = f"probe-{uuid.uuid4().hex[:12]}" if args.idempotency_key else None
+    sequence = itertools.count()
+
     async def fire(scheduled: float) -> None:
+        key = f"{key_prefix}-{next(sequence)}" if key_prefix else None
         outcome, release, answer = await one_request(
-            host, port, target, args.timeout, body, args.expect
+            conns, target, args.timeout, body, args.expect, key, args.retries, counts
         )
         done = time.monotonic()
         outcomes[outcome] += 1
@@ -164,6 +267,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "latency_p99": pct(0.99),
         "latency_max": round(latencies[-1], 4) if latencies else 0.0,
         "longest_gap_without_success": round(max(gaps), 3) if gaps else 0.0,
+        "keepalive": args.keepalive,
+        "idempotency_keys": key_prefix,
+        "retried": counts["retried"],
+        "stale_retried": counts["stale-retried"],
         "ids": ids,
     }
 
@@ -176,6 +283,13 @@ def main() -> None:
     parser.add_argument("--body", help="JSON body: POST it instead of GET")
     parser.add_argument("--expect", type=int, default=200, help="status that counts as success")
     parser.add_argument("--count", type=int, help="stop after this many requests")
+    parser.add_argument("--keepalive", action="store_true", help="reuse idle connections")
+    parser.add_argument(
+        "--idempotency-key", action="store_true", help="a key of its own on every POST"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=0, help="retries of a failed keyed POST (same key)"
+    )
     parser.add_argument("--out", required=True, help="JSON summary written on stop")
     args = parser.parse_args()
     # Requests queue while the server restarts: each one holds a socket.
