@@ -5,6 +5,7 @@ total time limit."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import time
@@ -323,6 +324,40 @@ def test_old_versions_are_pruned_keeping_the_one_before(tmp_path: Path) -> None:
     assert not stray.exists()
     assert not models.paths_for(dest, specs[0]).stamp.exists()
     assert any("removed old versions" in line for line in lines), lines
+
+
+def test_the_live_release_models_are_never_pruned(tmp_path: Path) -> None:
+    """Live X; a deploy of Y downloads Y and then fails (Y verified last); a deploy of Z:
+    the version verified last before Z is Y, yet X is what the live release reads. With the
+    deploy's list of the live models X stays; an unreadable list removes nothing."""
+    sources = tmp_path / "src"
+    sources.mkdir()
+    dest = tmp_path / "models"
+    for v in "xyzw":
+        (sources / v).write_bytes(v.encode())
+    x, y, z, w = (_spec((sources / v).as_uri(), v.encode()) for v in "xyzw")
+    for n, spec in enumerate((x, y)):
+        models.ensure_all(_settings(dest, spec), out=lambda _: None)
+        os.utime(models.paths_for(dest, spec).stamp, (1000 + n, 1000 + n))
+    (dest / models.LIVE_FILE).write_text(json.dumps([{"name": x.name, "sha256": x.sha256}]))
+    models.ensure_all(_settings(dest, z), out=lambda _: None)
+    assert {p.name for p in dest.iterdir() if not p.name.startswith(".")} == {
+        models.file_name(s) for s in (x, y, z)
+    }
+    assert models.check_all(_settings(dest, x)) == []
+    # Z went live; the next deploy (W) finds a list it cannot read: nothing is removed
+    os.utime(models.paths_for(dest, z).stamp, (2000, 2000))
+    (dest / models.LIVE_FILE).write_text("not json")
+    lines: list[str] = []
+    models.ensure_all(_settings(dest, w), out=lines.append)
+    assert any("cannot be read; no old version removed" in line for line in lines), lines
+    assert len([p for p in dest.iterdir() if not p.name.startswith(".")]) == 4
+    (dest / models.LIVE_FILE).write_text(json.dumps([{"name": z.name, "sha256": z.sha256}]))
+    models.ensure_all(_settings(dest, w), out=lambda _: None)
+    # with the list: wanted W, live Z, and the newest other (Y, verified after X)
+    assert {p.name for p in dest.iterdir() if not p.name.startswith(".")} == {
+        models.file_name(s) for s in (w, z, y)
+    }
 
 
 def test_file_of_the_old_layout_is_adopted_without_download(payload: bytes, tmp_path: Path) -> None:

@@ -10,13 +10,16 @@ untouched. Layout:
 - ``.NAME@H32.verified``  stamp: ``sha256 size mtime_ns`` of the verified file, so a boot does
                           not re-hash large files and /readyz can check cheaply
 - ``.lock``               flock held by the bootstrap that downloads (one per host at a time)
+- ``.live.json``          written by the deploy before a release phase: the models the live
+                          release uses (``XAGENT_MODELS`` JSON); never removed by pruning
 
-Old versions: after a download, each configured name keeps the wanted version and the one
-verified most recently before it (the live release's, or the rollback target); older
-versions and other versions' partial files are removed. Names no longer configured are left
-alone (a live release may still read them); remove them by hand. Files of the layout before
-content addressing (``NAME`` + ``.NAME.verified``) are adopted by a hard link when their
-stamp matches, and count as a version of ``NAME``.
+Old versions: after a download, each configured name keeps the wanted version, the live
+release's (``.live.json``) and the one verified most recently besides those (the rollback
+target, or the live one when the deploy wrote no list); older versions and other versions'
+partial files are removed. When ``.live.json`` cannot be read, nothing is removed. Names
+no longer configured are left alone (a live release may still read them); remove them by
+hand. Files of the layout before content addressing (``NAME`` + ``.NAME.verified``) are
+adopted by a hard link when their stamp matches, and count as a version of ``NAME``.
 
 A download is resumed (HTTP Range) as long as bytes keep arriving: it fails only when no byte
 arrived for ``stall_seconds`` across attempts, or at once on a permanent error (HTTP 4xx
@@ -34,14 +37,15 @@ import os
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
-from xagent.settings import ModelSpec, Settings, redact_url
+from xagent.settings import ModelFile, ModelSpec, Settings, redact_url
 
 CHUNK = 1024 * 1024
 Printer = Callable[[str], None]
@@ -58,7 +62,7 @@ class Paths:
     stamp: Path
 
 
-def file_name(spec: ModelSpec) -> str:
+def file_name(spec: ModelFile) -> str:
     """``NAME@H32``: the model's file name in ``models_dir`` (also what apps open)."""
     return f"{spec.name}@{spec.sha256[:32]}"
 
@@ -72,7 +76,7 @@ def _paths(final: Path) -> Paths:
     )
 
 
-def paths_for(models_dir: Path, spec: ModelSpec) -> Paths:
+def paths_for(models_dir: Path, spec: ModelFile) -> Paths:
     return _paths(models_dir / file_name(spec))
 
 
@@ -401,14 +405,42 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def prune(models_dir: Path, specs: list[ModelSpec], *, out: Printer = print) -> list[str]:
-    """Per configured name keep the wanted version and the one verified most recently
-    before it; remove older versions and partial downloads of other versions. Returns the
-    removed file names."""
+LIVE_FILE = ".live.json"
+
+
+def live_specs(models_dir: Path) -> list[ModelFile] | None:
+    """The models the live release uses, as the deploy listed them in ``.live.json`` ([] when
+    there is no list: name and sha256 of each, no URL, which may carry a token); None when
+    the list exists but cannot be read."""
+    try:
+        raw = (models_dir / LIVE_FILE).read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError:
+        return None
+    try:
+        return TypeAdapter(list[ModelFile]).validate_json(raw)
+    except ValidationError:
+        return None
+
+
+def prune(
+    models_dir: Path,
+    specs: list[ModelSpec],
+    *,
+    live: Sequence[ModelFile] = (),
+    out: Printer = print,
+) -> list[str]:
+    """Per configured name keep the wanted version, the versions of ``live`` and the one
+    verified most recently besides those; remove older versions and partial downloads of
+    other versions. Returns the removed file names."""
     removed: list[str] = []
     for spec in specs:
         wanted = paths_for(models_dir, spec)
-        others = [v for v in _versions(models_dir, spec.name) if v.final != wanted.final]
+        keep = {wanted.final} | {
+            paths_for(models_dir, other).final for other in live if other.name == spec.name
+        }
+        others = [v for v in _versions(models_dir, spec.name) if v.final not in keep]
         others.sort(key=lambda v: _mtime(v.stamp), reverse=True)
         for version in others[1:]:
             for path in (version.final, version.stamp):
@@ -441,5 +473,9 @@ def ensure_all(settings: Settings, *, out: Printer = print) -> dict[str, str]:
                 progress_interval=settings.download_progress_seconds,
                 stall_seconds=settings.download_stall_seconds,
             )
-        prune(settings.models_dir, list(settings.models), out=out)
+        live = live_specs(settings.models_dir)
+        if live is None:
+            out(f"models: {settings.models_dir / LIVE_FILE} cannot be read; no old version removed")
+        else:
+            prune(settings.models_dir, list(settings.models), live=live, out=out)
     return results

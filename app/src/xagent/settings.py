@@ -61,11 +61,10 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
-class ModelSpec(BaseModel):
-    """One model file that the bootstrap downloads and /readyz checks."""
+class ModelFile(BaseModel):
+    """A model's identity on disk: its name and content (``xagent.models.file_name``)."""
 
     name: str
-    url: str
     sha256: str
 
     @field_validator("name")
@@ -75,19 +74,25 @@ class ModelSpec(BaseModel):
             raise ValueError(f"model name {value!r} is not a safe file name")
         return value
 
-    @field_validator("url")
-    @classmethod
-    def _known_scheme(cls, value: str) -> str:
-        if not value.startswith(("http://", "https://", "file://")):
-            raise ValueError(f"model url {redact_url(value)!r} must be http(s):// or file://")
-        return value
-
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, value: str) -> str:
         value = value.strip().lower()
         if not _SHA256_RE.match(value):
             raise ValueError("sha256 must be 64 hex characters")
+        return value
+
+
+class ModelSpec(ModelFile):
+    """One model file that the bootstrap downloads and /readyz checks."""
+
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://", "file://")):
+            raise ValueError(f"model url {redact_url(value)!r} must be http(s):// or file://")
         return value
 
 
