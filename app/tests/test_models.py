@@ -4,6 +4,7 @@ total time limit."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -298,6 +300,46 @@ def test_changed_model_failing_download_leaves_the_live_version(
     assert live_paths.final.stat().st_ino == inode
     assert models.check_all(_settings(tmp_path, live)) == []
     assert models.check_all(_settings(tmp_path, broken)) == ["m.bin missing or not verified"]
+
+
+def test_a_full_disk_fails_at_once_naming_the_model(
+    server: FileServer, payload: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC while writing (the molecule faults scenario fills a real filesystem): no
+    retrying until the stall limit, the model and the directory named, the part kept."""
+    real_open = models._open_part
+
+    class Full:
+        def __init__(self, fh: Any) -> None:
+            self.fh, self.written = fh, 0
+
+        def write(self, data: bytes) -> int:
+            if self.written + len(data) > 1024 * 1024:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.written += len(data)
+            return int(self.fh.write(data))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()
+
+    monkeypatch.setattr(models, "_open_part", lambda part, offset: Full(real_open(part, offset)))
+    spec = _spec(server.url("m.bin"), payload)
+    lines: list[str] = []
+    with pytest.raises(models.ModelError) as caught:
+        models.ensure_all(_settings(tmp_path, spec), out=lines.append)
+    assert not [line for line in lines if "retrying" in line], lines  # waiting cannot help
+    assert str(caught.value) == (
+        f"m.bin: cannot write {models.paths_for(tmp_path, spec).part.name} in {tmp_path}: "
+        "No space left on device (partial file kept for the next run)"
+    )
+    assert models.paths_for(tmp_path, spec).part.exists()
+    assert not models.paths_for(tmp_path, spec).final.exists()
 
 
 def test_old_versions_are_pruned_keeping_the_one_before(tmp_path: Path) -> None:

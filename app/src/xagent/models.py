@@ -357,6 +357,12 @@ def ensure_model(
                 wait = max(0.5, min(timeout, left))
                 digest = _fetch_http(spec, paths.part, offset, progress, wait)
             break
+        except OSError as exc:
+            # the models' filesystem is full or read-only: waiting does not help
+            raise ModelError(
+                f"{spec.name}: cannot write {paths.part.name} in {models_dir}: {exc.strerror} "
+                f"(partial file kept for the next run)"
+            ) from None
         except _TransferBroken as exc:
             stalled = time.monotonic() - progress.last_progress
             if stalled >= stall_seconds:
