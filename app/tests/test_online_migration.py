@@ -17,7 +17,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 
-from conftest import HTTP_TIMEOUT, Stack, _dsn, base_env, run_bootstrap, sql
+from conftest import BIN, HTTP_TIMEOUT, Stack, _dsn, base_env, run_bootstrap, sql
 from test_schema import newer_release
 
 ROWS = 1_000_000
@@ -37,8 +37,6 @@ NEWER = (
 
 
 def _migrate_newer(env: dict[str, str], location: str) -> subprocess.Popen[str]:
-    from conftest import BIN
-
     return subprocess.Popen(
         [str(BIN / "python"), "-c", NEWER, location, "migrate"],
         env=env,
@@ -46,6 +44,45 @@ def _migrate_newer(env: dict[str, str], location: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+class Migration:
+    """``xagent-bootstrap migrate`` of a newer release, its output read as it comes (a test
+    waits for a line instead of guessing how long a loaded machine takes to get there)."""
+
+    def __init__(self, env: dict[str, str], location: str) -> None:
+        self.proc = _migrate_newer(env, location)
+        self.lines: list[str] = []
+        self._eof = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._eof = True
+            self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 300) -> bool:
+        """Whether a line containing ``text`` came (False: the command ended without it);
+        the timeout is a deadline for a hang, not a speed bound."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._eof or any(text in line for line in self.lines), timeout
+            )
+            return any(text in line for line in self.lines)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str, str]:
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read()
+        rc = self.proc.wait(timeout)
+        self._reader.join(timeout)
+        return rc, "".join(self.lines), err
 
 
 def _index_valid(db_url: str, name: str) -> bool | None:
@@ -101,11 +138,15 @@ def test_a_blocked_revision_gives_up_and_retries_while_queries_go_on(
         tmp_path, ("9001", True, 'op.add_column("runs", sa.Column("note", sa.Text))')
     )
     with LockHolder(fresh_db) as holder:
-        migrate = _migrate_newer(env, location)
+        migrate = Migration(env, location)
         try:
             # the ALTER cannot get ACCESS EXCLUSIVE while the holder reads: without
-            # lock_timeout it would wait in the lock queue and every later reader behind it
-            # (these fail after 5 s of waiting instead of hanging the test)
+            # lock_timeout it would wait in the lock queue (and never say this), and every
+            # later reader behind it
+            gave_up = "migrate: the revision after 0005 gave up waiting 200 ms for a lock"
+            assert migrate.wait_for(gave_up), migrate.lines
+            # while it retries, readers of the table get through (they would fail after
+            # 5 s of waiting behind a queued ALTER instead of hanging the test)
             for _ in range(10):
                 rows = sql(
                     fresh_db,
@@ -114,12 +155,11 @@ def test_a_blocked_revision_gives_up_and_retries_while_queries_go_on(
                 )
                 assert rows[0]["n"] == 0
                 time.sleep(0.2)
-            assert migrate.poll() is None, migrate.communicate()
+            assert migrate.proc.poll() is None, migrate.lines
         finally:
             holder.release()
-        out, err = migrate.communicate(timeout=120)
-    assert migrate.returncode == 0, out + err
-    assert "migrate: the revision after 0005 gave up waiting 200 ms for a lock" in out, out
+        rc, out, err = migrate.finish()
+    assert rc == 0, out + err
     assert "schema upgraded 0005 -> 9001" in out, out
     assert sql(fresh_db, "SELECT version_num FROM alembic_version")[0]["version_num"] == "9001"
 
@@ -251,15 +291,15 @@ def test_a_million_runs_migrate_under_load(
         # a slow transaction on runs as the migration starts: the ALTER must give up and
         # retry (default lock_timeout) rather than queue the POSTs behind it
         with LockHolder(fresh_db):
-            migrate = _migrate_newer(env, location)
-            time.sleep(3)
-        out, err = migrate.communicate(timeout=600)
+            migrate = Migration(env, location)
+            gave_up = migrate.wait_for("gave up waiting 2000 ms for a lock")
+        rc, out, err = migrate.finish()
         ended = time.monotonic()
         watching.set()
         watcher.join(30)
         time.sleep(1)
-    assert migrate.returncode == 0, out + err
-    assert "gave up waiting 2000 ms for a lock" in out, out
+    assert rc == 0, out + err
+    assert gave_up, out
     assert "schema upgraded 0005 -> 9001" in out, out
     assert seen == {"CREATE INDEX CONCURRENTLY"}, seen
     assert _index_valid(fresh_db, "runs_created_9001_idx") is True
