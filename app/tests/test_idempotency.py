@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import redis
 
-from conftest import HTTP_TIMEOUT, RedisServer, Stack, base_env, sql
+from conftest import HTTP_TIMEOUT, TEST_REDIS_URL, RedisServer, Stack, base_env, sql
 
 RUN = {"tool": "calculator", "args": {"op": "add", "a": 1, "b": 2}}
 
@@ -97,6 +98,30 @@ def test_retry_after_the_queue_was_down_queues_the_failed_run(
     assert _runs_of_key(session_db, key) == ["queued"]
     rows = sql(session_db, "SELECT error FROM runs WHERE id = $1", uuid.UUID(retry.json()["id"]))
     assert rows[0]["error"] is None
+
+
+def test_a_retry_sends_the_message_of_a_run_still_queued_again(
+    session_db: str,
+    queue_name: str,
+    tmp_path: Path,
+    stack_factory: Callable[[dict[str, str]], Stack],
+) -> None:
+    """The first request committed its run and died before its message reached the stream
+    (the chaos step kills the web's master): the client's retry with the same key finds
+    the run queued and sends its message again, instead of leaving it to the sweeper."""
+    base_url = stack_factory(base_env(session_db, queue_name, tmp_path / "models")).web()
+    headers = {"Idempotency-Key": f"test-{uuid.uuid4()}"}
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    with httpx.Client(base_url=base_url, timeout=HTTP_TIMEOUT) as http:
+        first = http.post("/runs", json=RUN, headers=headers)
+        assert first.status_code == 202, first.text
+        run_id = first.json()["id"]
+        assert run_id in str(client.xrange(queue_name))
+        client.delete(queue_name)  # the message is lost
+        retry = http.post("/runs", json=RUN, headers=headers)
+    assert retry.status_code == 202, retry.text
+    assert retry.json() == {"id": run_id, "status": "queued"}
+    assert run_id in str(client.xrange(queue_name))
 
 
 ENQUEUE_RACE = """

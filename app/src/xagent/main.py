@@ -167,7 +167,8 @@ async def _enqueue(engine: AsyncEngine, run_id: uuid.UUID) -> None:
 async def create_run(body: RunRequest, request: Request, response: Response) -> dict[str, Any]:
     """Accept a run. With an ``Idempotency-Key`` header, the same key returns the run the
     first request created (``Idempotent-Replayed: true``) instead of a second run, so a
-    client or proxy may retry; the same key with another request is refused (422)."""
+    client or proxy may retry; the same key with another request is refused (422). A retry
+    of a run still queued sends its message again (the first one may have been lost)."""
     if body.tool not in REGISTRY:
         raise HTTPException(status_code=422, detail=f"unknown tool {body.tool!r}")
     key = idempotency_key(request)
@@ -225,6 +226,11 @@ async def _replay(
         if requeued.rowcount:
             await _enqueue(engine, row.id)
             status = "queued"
+    elif status == "queued":
+        # the first request may have died between its commit and its message (a client
+        # retries exactly then): send it again; a second message of a run is harmless
+        # (the claim runs it once), a lost one left it waiting for the sweeper
+        await _enqueue(engine, row.id)
     return {"id": str(row.id), "status": status}
 
 
