@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 
 from conftest import BIN, HTTP_TIMEOUT, Stack, _dsn, base_env, run_bootstrap, sql
-from test_schema import newer_release
+from test_schema import NEWER, newer_release
 
 ROWS = 1_000_000
 ADD_AND_INDEX = (
@@ -29,10 +29,6 @@ ADD_AND_INDEX = (
 UNIQUE_STATUS = (
     "from xagent.ddl import create_index_concurrently\n"
     '    create_index_concurrently("runs_status_{rev}_key", "runs", ["status"], unique=True)'
-)
-NEWER = (
-    "import sys, xagent.schema as s; s.SCRIPT_LOCATION = sys.argv[1]; "
-    "from xagent.bootstrap import main; sys.exit(main(sys.argv[2:]))"
 )
 
 

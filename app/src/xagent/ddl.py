@@ -49,8 +49,3 @@ def create_index_concurrently(
             postgresql_concurrently=True,
             postgresql_where=sa.text(where) if where else None,
         )
-
-
-def drop_index_concurrently(name: str, table: str) -> None:
-    with op.get_context().autocommit_block():
-        op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
