@@ -104,8 +104,8 @@ lint: venv
 	run $(BIN)/python .ci/check_role_docs.py; \
 	run $(BIN)/ansible-lint; \
 	run shellcheck -S warning $$(git ls-files '*.sh' .ci/run .ci/host-setup); \
-	run $(BIN)/ruff check app molecule bench .ci $(TOOLS_PY); \
-	run $(BIN)/ruff format --check app molecule bench .ci $(TOOLS_PY); \
+	run $(BIN)/ruff check app molecule bench .ci playbooks $(TOOLS_PY); \
+	run $(BIN)/ruff format --check app molecule bench .ci playbooks $(TOOLS_PY); \
 	run bash -c "cd app && exec $(BIN)/mypy"; \
 	run $(BIN)/mypy --strict --cache-dir .mypy_cache $(TOOLS_PY); \
 	if [ $${#failed[@]} -gt 0 ]; then printf 'lint FAILED: %s\n' "$${failed[@]}"; exit 1; fi; \

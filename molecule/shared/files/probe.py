@@ -167,6 +167,7 @@ async def one_request(
             if attempt:
                 counts["retried"] += 1
             return outcome, headers.get("x-release", ""), answer
+        counts[f"retry after: {outcome}"] += 1
         await asyncio.sleep(0.5 * 2**attempt)
         attempt += 1
 
@@ -271,6 +272,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "idempotency_keys": key_prefix,
         "retried": counts["retried"],
         "stale_retried": counts["stale-retried"],
+        # What the failed attempts that were retried got (the key's run was not lost).
+        "retried_outcomes": {k[13:]: v for k, v in counts.items() if k.startswith("retry after: ")},
         "ids": ids,
     }
 
