@@ -186,7 +186,7 @@ test: venv
 	echo "make test: all passed"
 
 # ---- benchmarks ---------------------------------------------------------------------
-# One systemd container (xagent-bench, ports 30000-30002/30379/30432/30099), removed at
+# One systemd container (xagent-bench, ports 30000-30002/30379/30432/30099/30022), removed at
 # the end. bench-smoke runs everything once, briefly, and fails when the harness breaks;
 # it never judges the numbers (no timed assertions).
 

@@ -25,6 +25,9 @@ WEB_PORT = 30000
 NAIVE_PORT = 30001
 BARE_PORT = 30002
 ORIGIN_PORT = 30099
+# The host's sshd: Ansible reaches the bench host over SSH, as it reaches a server.
+SSH_PORT = 30022
+SSH_KEY = STATE / "ssh" / "id_ed25519"
 VENV_PY = f"/opt/{APP}/current/venv/bin/python"
 HOST_DIR = "/opt/xagent-bench"
 # Same flags as `make demo` / the Molecule platform (systemd as PID 1, host networking).
@@ -126,9 +129,37 @@ class Host:
                 timeout=150,
             ).strip()
             if state in ("running", "degraded"):
+                self.start_sshd()
                 return
             time.sleep(1)
         raise RuntimeError(f"systemd in {self.name} did not come up: {state}")
+
+    def start_sshd(self) -> None:
+        """sshd on 127.0.0.1:SSH_PORT with a key of the bench's own, no PAM (as the
+        Molecule hosts: molecule/shared/prepare.yml); Ansible's inventory uses it."""
+        if not SSH_KEY.exists():
+            SSH_KEY.parent.mkdir(parents=True, exist_ok=True)
+            run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", str(SSH_KEY)])
+        pub = SSH_KEY.with_suffix(".pub").read_text().strip()
+        conf = (
+            f"ListenAddress 127.0.0.1:{SSH_PORT}\\n"
+            "SetEnv LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt\\n"
+            "PermitRootLogin prohibit-password\\nPasswordAuthentication no\\n"
+            "KbdInteractiveAuthentication no\\nUsePAM no\\n"
+        )
+        self.sh(
+            f"install -d -m 0700 /root/.ssh && echo {shlex.quote(pub)} > /root/.ssh/authorized_keys"
+            f" && printf '{conf}' > /etc/ssh/sshd_config.d/bench.conf"
+            " && systemctl restart ssh.service"
+        )
+        for _ in range(50):
+            probe = ["ssh", "-p", str(SSH_PORT), "-i", str(SSH_KEY), "-o", "BatchMode=yes"]
+            probe += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+            probe += ["-o", "LogLevel=ERROR", "root@127.0.0.1", "true"]
+            if subprocess.run(probe, capture_output=True, check=False, timeout=30).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"sshd in {self.name} does not answer on 127.0.0.1:{SSH_PORT}")
 
     def install_tools(self) -> None:
         """h2load (the load generator) and the host-side helpers."""

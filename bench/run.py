@@ -6,7 +6,7 @@
     .venv/bin/python bench/run.py --only P1,P5 --keep    some benchmarks; keep the host
 
 One systemd container (xagent-bench, host networking, ports 30000/30001/30002 web,
-30379 redis, 30432 postgresql, 30099 model origin) gets the bundle through
+30379 redis, 30432 postgresql, 30099 model origin, 30022 its sshd) gets the bundle through
 playbooks/site.yml; the naive design runs in the same host from the same release, so both
 designs meet the same kernel, CPUs and background load, alternating within each
 repetition. Results: bench/results/<smoke|full>.json; docs/benchmarks.md and its plots are
@@ -93,6 +93,8 @@ def ansible_env() -> dict[str, str]:
     env = dict(os.environ)
     env["BENCH_STATE"] = str(STATE)
     env["ANSIBLE_CONFIG"] = str(ROOT / "ansible.cfg")
+    # a new container, so new host keys, every run (as Molecule's hosts)
+    env["ANSIBLE_HOST_KEY_CHECKING"] = "False"
     env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env['PATH']}"
     return env
 
