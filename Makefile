@@ -133,15 +133,16 @@ test-molecule: venv $(MOLECULE_IMAGES)
 
 # Everything runs even when one part fails, so one CI run reports everything.
 # With XAGENT_TEST_VM=1 the VM scenario (the longest: software emulation) starts
-# first and runs beside everything else. The test-host images (debootstrap: downloads and
-# dpkg) build during lint. Then three streams side by side (a scenario keeps about one
-# core busy only while Ansible works; most of its time it waits on hosts):
-# `default` (the longest), the app and tool tests followed by `cluster`, and the other
-# scenarios followed by the bench smoke. The app tests overlap only the first deploys
-# of the scenarios, before any load probe runs. Every scenario has its own ports (docs/contract.md); the
+# first and runs beside everything else. From the start, beside lint: the test-host
+# images (debootstrap: downloads and dpkg) and the app and tool tests. Once the images
+# exist, three streams of scenarios side by side, balanced by their last CI times
+# (a scenario keeps about one core busy only while Ansible works; most of its time it
+# waits on hosts): `default` then `debian13`; `cluster`; the other scenarios then the
+# bench smoke. The app tests overlap only the first deploys of the scenarios, before
+# any load probe runs. Every scenario has its own ports (docs/contract.md); the
 # probes' 15 s request timeout is far above what sharing the CPU adds, so a
 # failed request is still a bug.
-MAIN_SCENARIOS := $(filter default,$(SCENARIOS))
+MAIN_SCENARIOS := $(filter default,$(SCENARIOS)) $(filter debian13,$(SCENARIOS))
 CLUSTER_SCENARIOS := $(filter cluster,$(SCENARIOS))
 # The vm scenario (software emulation) keeps both cores busy: beside the load probes of
 # the container scenarios it starved their web into 15 s timeouts. Until it is fast
@@ -156,6 +157,8 @@ test: venv
 	part() { local name=$$1 start=$$SECONDS rc; shift; "$$@" 2>&1 | tee "$$logs/$$name.log"; rc=$${PIPESTATUS[0]}; \
 	  echo "$$name: $$((SECONDS - start)) s" >>"$$logs/times"; return "$$rc"; }; \
 	( $(MAKE) --no-print-directory images 2>&1 | tee "$$logs/images.log" | sed -u 's/^/[images] /'; exit "$${PIPESTATUS[0]}" ) & images=$$!; \
+	( rc=0; for t in test-app test-tools; do \
+	    part $$t $(MAKE) --no-print-directory $$t 2>&1 | sed -u "s/^/[$$t] /" || rc=1; done; exit $$rc ) & unit=$$!; \
 	vm=; if [ -n "$(VM_SCENARIOS)" ]; then \
 	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(VM_SCENARIOS)" 2>&1 \
 	      | tee "$$logs/molecule-vm.log" | sed -u 's/^/[vm] /'; exit "$${PIPESTATUS[0]}" ) & vm=$$!; fi; \
@@ -169,13 +172,11 @@ test: venv
 	      | tee "$$logs/bench-smoke.log" | sed -u 's/^/[bench-smoke] /'; then rc=$$((rc + 2)); fi; \
 	  echo "bench-smoke: $$((SECONDS - start)) s" >>"$$logs/times"; \
 	  exit $$rc ) & side=$$!; \
-	( rc=0; for t in test-app test-tools; do \
-	    part $$t $(MAKE) --no-print-directory $$t 2>&1 | sed -u "s/^/[$$t] /" || rc=1; done; \
-	  $(MAKE) --no-print-directory test-molecule SCENARIOS="$(CLUSTER_SCENARIOS)" 2>&1 \
-	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /' || rc=$$((rc + 2)); exit $$rc ) & cluster=$$!; \
+	( $(MAKE) --no-print-directory test-molecule SCENARIOS="$(CLUSTER_SCENARIOS)" 2>&1 \
+	      | tee "$$logs/molecule-cluster.log" | sed -u 's/^/[cluster] /'; exit "$${PIPESTATUS[0]}" ) & cluster=$$!; \
 	part molecule-main $(MAKE) --no-print-directory test-molecule SCENARIOS="$(MAIN_SCENARIOS)" || failed+=(test-molecule-main); \
-	rc=0; wait $$cluster || rc=$$?; \
-	if (( rc & 1 )); then failed+=(test-app-or-tools); fi; if (( rc & 2 )); then failed+=(test-molecule-cluster); fi; \
+	wait $$unit || failed+=(test-app-or-tools); \
+	wait $$cluster || failed+=(test-molecule-cluster); \
 	if [ -n "$$vm" ]; then wait $$vm || failed+=(test-molecule-vm); fi; \
 	rc=0; wait $$side || rc=$$?; \
 	if (( rc & 1 )); then failed+=(test-molecule); fi; if (( rc & 2 )); then failed+=(bench-smoke); fi; \
