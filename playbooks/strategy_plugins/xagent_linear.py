@@ -2,7 +2,7 @@
 
 Mitogen keeps one Python interpreter per host for the whole run instead of
 starting one per task (ssh + python + module zip each time), which roughly
-halves a converge that changes nothing (docs/benchmarks.md, P4). Without
+halves a converge that changes nothing (README, "Deploying to real servers"). Without
 Mitogen (``pip install mitogen``, in requirements-dev.txt) this is plain
 ``linear`` and says so once. ``ANSIBLE_STRATEGY=linear`` turns it off.
 """
@@ -29,7 +29,7 @@ except ImportError:
 else:
 
     class StrategyModule(ansible_mitogen.strategy.StrategyMixin, _linear):
-        def run(self, iterator, play_context, result=0):  # type: ignore[no-untyped-def]
+        def run(self, iterator, play_context, result=0):
             # Plays on the controller itself (Molecule's create and destroy) gain nothing
             # and lose: Mitogen's async breaks the docker modules' async jobs.
             if iterator._play.connection == "local":

@@ -137,6 +137,10 @@ async def exchange(
     return status, headers, answer
 
 
+# Key prefix in the counts: what a failed attempt that was then retried got.
+RETRIED = "retry after: "
+
+
 async def one_request(
     conns: Connections,
     target: str,
@@ -167,7 +171,7 @@ async def one_request(
             if attempt:
                 counts["retried"] += 1
             return outcome, headers.get("x-release", ""), answer
-        counts[f"retry after: {outcome}"] += 1
+        counts[RETRIED + outcome] += 1
         await asyncio.sleep(0.5 * 2**attempt)
         attempt += 1
 
@@ -273,7 +277,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "retried": counts["retried"],
         "stale_retried": counts["stale-retried"],
         # What the failed attempts that were retried got (the key's run was not lost).
-        "retried_outcomes": {k[13:]: v for k, v in counts.items() if k.startswith("retry after: ")},
+        "retried_outcomes": {
+            k.removeprefix(RETRIED): v for k, v in counts.items() if k.startswith(RETRIED)
+        },
         "ids": ids,
     }
 
